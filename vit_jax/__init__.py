@@ -1,0 +1,1 @@
+"""Vision Transformer in JAX/Flax: models, checkpoints, input pipelines, training."""

@@ -1,0 +1,375 @@
+"""Vision Transformer (arXiv 2010.11929) in Flax linen.
+
+Parameter names follow Google's linen checkpoints (`embedding`, `cls`,
+`Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
+`Transformer/encoder_norm`, `pre_logits`, `head`), so official `.npz` files map
+1:1. With `scan_layers=True` the blocks live in one stacked
+`Transformer/encoderblock` (leading layer axis, big_vision's layout);
+`stack_encoder_blocks` / `unstack_encoder_blocks` convert between the two.
+"""
+from collections.abc import Mapping
+import difflib
+import functools
+import math
+from typing import Any
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax import model_registry
+from vit_jax import resnet
+
+Dtype = Any
+MODELS = model_registry.MODELS
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _check_choice(field: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f'{field}={value!r} is not supported; allowed: '
+                     f'{", ".join(map(repr, allowed))}.')
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh approximation) -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    dense = functools.partial(
+        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim, name='Dense_0')(x), approximate=True)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    y = dense(x.shape[-1], name='Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with q/k/v kernels (D, heads, D/heads), out (heads, D/heads, D).
+
+  `implementation='xla'` computes softmax(q k^T / sqrt(d)) v with a float32
+  softmax and sows the attention weights (collection `intermediates`) for
+  inspection; `'cudnn'` calls cuDNN's fused flash attention.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  implementation: str = 'xla'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _use_cudnn(self, deterministic: bool) -> bool:
+    if self.implementation != 'cudnn':
+      return False
+    reason = None
+    if jax.default_backend() != 'gpu':
+      reason = f'the {jax.default_backend()!r} backend has no cuDNN'
+    elif self.dtype not in _CUDNN_DTYPES:
+      reason = f'cuDNN flash attention needs bfloat16/float16, not {self.dtype}'
+    elif self.dropout_rate > 0 and not deterministic:
+      reason = 'cuDNN flash attention has no attention dropout'
+    if reason:
+      warnings.warn(f"attention implementation 'cudnn' unavailable ({reason}); "
+                    "using 'xla' attention instead.", stacklevel=2)
+      return False
+    return True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    features = x.shape[-1]
+    head_dim = features // self.num_heads
+    dense = functools.partial(
+        nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = (dense((self.num_heads, head_dim), name=n)(x)
+               for n in ('query', 'key', 'value'))  # [batch, tokens, heads, d]
+    if self._use_cudnn(deterministic):
+      y = jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    else:
+      q = q / jnp.sqrt(head_dim).astype(self.dtype)
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
+      y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return dense(features, axis=(-2, -1), name='out')(y)
+
+
+def _drop_path(module: nn.Module, x: jax.Array, rate, deterministic: bool):
+  """Stochastic depth: drops the whole residual branch per example.
+
+  `rate` is a Python float when unrolled and a traced scalar under scan.
+  """
+  if deterministic or (isinstance(rate, float) and rate == 0.0):
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention_impl: str = 'xla'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_path_rate, deterministic: bool):
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    y = norm(name='LayerNorm_0')(x)
+    y = MultiHeadDotProductAttention(
+        self.num_heads, self.attention_dropout_rate, self.attention_impl,
+        self.dtype, self.param_dtype, name='MultiHeadDotProductAttention_0')(
+            y, deterministic)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    x = x + _drop_path(self, y, drop_path_rate, deterministic)
+    y = norm(name='LayerNorm_1')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
+                 name='MlpBlock_0')(y, deterministic)
+    return x + _drop_path(self, y, drop_path_rate, deterministic)
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embedding (1, tokens, D), initialised N(0, 0.02^2)."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (1, *x.shape[1:])
+    if self.has_variable('params', 'pos_embedding'):
+      stored = self.get_variable('params', 'pos_embedding').shape
+      if stored != shape:
+        raise ValueError(
+            f'The position embedding has shape {stored} but this input gives '
+            f'{shape[1]} tokens ({shape}). Use the resolution the parameters '
+            'were made for, or resize them with '
+            'vit_jax.checkpoint.load_pretrained / interpolate_posemb.')
+    pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                    shape, self.param_dtype)
+    return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embedding, `num_layers` blocks (unrolled or scanned), final LN."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  attention_impl: str = 'xla'
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    block_cls = Encoder1DBlock
+    if self.remat_policy != 'none':
+      # static_argnums counts self: (self, x, drop_path_rate, deterministic).
+      block_cls = nn.remat(block_cls, static_argnums=(3,),
+                           policy=REMAT_POLICIES[self.remat_policy])
+    block_kwargs = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    # Stochastic depth grows linearly with depth, 0 at the first block.
+    rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1)
+             for i in range(self.num_layers)]
+    if self.scan_layers:
+      body = lambda block, carry, rate: (block(carry, rate, not train), None)
+      scan = nn.scan(body, variable_axes={'params': 0, 'intermediates': 0},
+                     split_rngs={'params': True, 'dropout': True},
+                     length=self.num_layers)
+      x, _ = scan(block_cls(**block_kwargs, name='encoderblock'), x,
+                  jnp.asarray(rates, jnp.float32))
+    else:
+      for i, rate in enumerate(rates):
+        x = block_cls(**block_kwargs, name=f'encoderblock_{i}')(x, rate,
+                                                               not train)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='encoder_norm')(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT: patches -> [class token] -> encoder -> pooling -> [pre-logits] -> head.
+
+  Call as `model.apply(variables, images, train=False)` with NHWC images in
+  [-1, 1]. Height and width must be divisible by the patch size (times the
+  ResNet stem's stride for hybrids). `num_classes=0` drops the head and
+  returns features.
+  """
+  num_classes: int
+  patch_size: tuple[int, int]
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  resnet_layers: tuple[int, ...] | None = None  # None: no ResNet stem
+  resnet_width: int = 1
+  classifier: str = 'token'
+  representation_size: int | None = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  head_bias_init: float = 0.0
+  attention_impl: str = 'xla'
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32  # compute
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    _check_choice('classifier', self.classifier, CLASSIFIERS)
+    _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _check_choice('remat_policy', self.remat_policy, tuple(REMAT_POLICIES))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size={self.hidden_size} is not divisible by '
+                       f'num_heads={self.num_heads}.')
+    super().__post_init__()
+
+  @property
+  def input_stride(self) -> tuple[int, int]:
+    """Pixels per token along (height, width)."""
+    stem = (1 if self.resnet_layers is None
+            else resnet.stem_stride(self.resnet_layers))
+    return (stem * self.patch_size[0], stem * self.patch_size[1])
+
+  def check_input_shape(self, shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless `shape` is a valid (batch, H, W, 3) input."""
+    if len(shape) != 4 or shape[-1] != 3:
+      raise ValueError(f'Expected images of shape (batch, height, width, 3) '
+                       f'(NHWC, RGB), got shape {tuple(shape)}.')
+    size, stride = tuple(shape[1:3]), self.input_stride
+    if size[0] % stride[0] or size[1] % stride[1]:
+      raise ValueError(
+          f'Image size {size[0]}x{size[1]} is not divisible by the model\'s '
+          f'{stride[0]}x{stride[1]} pixels per token (patch size '
+          f'{self.patch_size}); use a multiple, e.g. '
+          f'{stride[0] * max(size[0] // stride[0], 1)}x'
+          f'{stride[1] * max(size[1] // stride[1], 1)}.')
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    self.check_input_shape(images.shape)
+    x = images.astype(self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width,
+                             self.dtype, self.param_dtype)
+    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size,
+                padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
+                name='embedding')(x)
+    batch, h, w, c = x.shape
+    x = x.reshape(batch, h * w, c)
+    if self.classifier in ('token', 'token_unpooled'):
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], 1)
+    x = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth,
+        attention_impl=self.attention_impl, remat_policy=self.remat_policy,
+        scan_layers=self.scan_layers, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='Transformer')(x, train=train)
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name='pre_logits')(x))
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='head',
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init))(x)
+    # Logits leave in float32 whatever the compute dtype: losses need range.
+    return x.astype(jnp.float32)
+
+
+_FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__
+                if f not in ('parent', 'name'))
+
+
+def create_model(name: str, num_classes: int, **overrides: Any
+                 ) -> VisionTransformer:
+  """The registered model `name` (e.g. 'ViT-B_16'), with any field overridden.
+
+  >>> model = create_model('ViT-Ti_16', num_classes=10, dtype=jnp.bfloat16)
+  """
+  config = model_registry.get_model_config(name)
+  unknown = sorted(set(overrides) - set(_FIELDS))
+  if unknown:
+    hints = {k: difflib.get_close_matches(k, _FIELDS, n=1) for k in unknown}
+    hint = '; '.join(f'{k!r}' + (f' (did you mean {v[0]!r}?)' if v else '')
+                     for k, v in hints.items())
+    raise ValueError(f'Unknown model option(s) {hint} for {name}. '
+                     f'Options: {", ".join(_FIELDS)}.')
+  config.update(overrides, num_classes=num_classes)
+  if isinstance(config['patch_size'], int):
+    config['patch_size'] = (config['patch_size'],) * 2
+  return VisionTransformer(**config)
+
+
+_BLOCK = 'encoderblock'
+
+
+def stack_encoder_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Unrolled `encoderblock_{i}` params -> scanned `encoderblock` (layer axis 0)."""
+  encoder = dict(params['Transformer'])
+  names = sorted((k for k in encoder if k.startswith(_BLOCK + '_')),
+                 key=lambda k: int(k.rsplit('_', 1)[1]))
+  if not names:
+    raise ValueError('No Transformer/encoderblock_{i} params to stack; are '
+                     'these already in the scanned layout?')
+  blocks = [encoder.pop(k) for k in names]
+  encoder[_BLOCK] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return {**params, 'Transformer': encoder}
+
+
+def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned `encoderblock` params (layer axis 0) -> `encoderblock_{i}`."""
+  encoder = dict(params['Transformer'])
+  if _BLOCK not in encoder:
+    raise ValueError('No stacked Transformer/encoderblock params to unstack; '
+                     'are these already in the unrolled layout?')
+  stacked = encoder.pop(_BLOCK)
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    encoder[f'{_BLOCK}_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, 'Transformer': encoder}
+
+
+def count_params(model: VisionTransformer,
+                 image_size: tuple[int, int] = (224, 224)) -> int:
+  """Number of parameters, from shapes only (nothing is allocated)."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, *image_size, 3), jnp.float32)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
