@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices and the shared real-data directory."""
 import os
 import pathlib
+import sys
 
 # Must be set before jax is imported anywhere in the test process.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -10,6 +11,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # for `configs`
 SHARED_DATA = pathlib.Path(
     os.environ.get('VIT_JAX_SHARED_DATA', REPO_ROOT.parent / 'shared' / 'data'))
 

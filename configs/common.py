@@ -1,0 +1,64 @@
+"""Defaults shared by every experiment config; each config overrides a few.
+
+Every field here exists so that `--config.<field>=...` can override it (the
+config is locked: a misspelt field is an error).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model: a registry name (vit_jax.models.MODELS) and field overrides.
+  config.model_name = 'ViT-Ti_16'
+  config.model = ml_collections.ConfigDict()
+
+  # Data: TFDS name (or 'imagefolder:/path'); empty splits/size -> presets.
+  config.dataset = 'cifar10'
+  config.data_dir = ''  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.manual_dir = ''
+  config.train_split = ''
+  config.eval_split = ''
+  config.image_size = 0  # 0 -> the dataset preset's resolution
+  config.eval_resize = 'resize'  # Google's fine-tuning protocol; or 'resize_crop'
+  config.randaugment_layers = 0  # 0 disables RandAugment
+  config.randaugment_magnitude = 10
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+
+  # Fine-tuning: start from these weights (an .npz in any published layout),
+  # adapting the head and resizing the position embedding ('bilinear' as
+  # Google's fine-tuning, or 'bicubic' as timm).
+  config.pretrained = ml_collections.ConfigDict(dict(
+      path='', posemb_method='bilinear'))
+
+  # Optimisation.
+  config.batch_size = 512  # global, over all devices and processes
+  config.eval_batch_size = 512
+  config.accum_steps = 1  # micro-batches per step (gradient accumulation)
+  config.total_steps = 0  # 0 -> the dataset preset's default
+  config.label_smoothing = 0.0
+  config.grad_clip_norm = 1.0
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.03, momentum=0.9, nesterov=False,
+      accumulator_dtype='float32', b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, mu_dtype='float32'))
+  config.schedule = ml_collections.ConfigDict(dict(
+      name='cosine', warmup_steps=500, end_learning_rate=0.0))
+  config.on_nonfinite = 'stop'  # or 'skip' (keep the previous state)
+
+  # Devices: mesh.data=-1 takes all devices not used by fsdp.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1,
+                                               fsdp_min_size=2**14))
+  # Multi-host: set coordinator_address (or $JAX_COORDINATOR_ADDRESS), or
+  # auto=True where JAX detects the cluster (TPU pods, SLURM, ...).
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=1, process_id=0, auto=False))
+
+  # Bookkeeping.
+  config.log_every = 50
+  config.eval_every = 0  # 0: evaluate at the end only
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  return config

@@ -1,0 +1,78 @@
+"""Pretraining from scratch.
+
+  cifar10_quick  ViT (4 layers, width 128, patch 4) on CIFAR-10 at 32px.
+      python -m vit_jax.main --config=configs/pretrain.py:cifar10_quick \
+          --workdir=/tmp/vit_cifar10_quick
+      Machine: RESULT_QUICK
+  cifar10  ViT-Ti-like (6 layers, width 192, patch 4) on CIFAR-10 at 32px.
+      python -m vit_jax.main --config=configs/pretrain.py:cifar10 \
+          --workdir=/tmp/vit_cifar10
+      Machine: RESULT_CIFAR10
+  imagenet_s16  "Better plain ViT baselines for ImageNet-1k" (arXiv 2205.01580):
+      ViT-S/16, GAP head, 90 epochs at batch 1024, Adam lr 1e-3, decoupled wd
+      1e-4, 10k warmup steps, cosine, RandAugment(2, 10), mixup 0.2, 224px.
+      python -m vit_jax.main --config=configs/pretrain.py:imagenet_s16 \
+          --workdir=gs://.../vit_s16 --config.data_dir=...
+      Reported: 76.5% top-1 after 90 epochs on a TPUv3-8 in ~7h (the paper);
+      not run here (no ImageNet on this machine).
+
+Both CIFAR configs read the prepared TFDS copy; point TFDS_DATA_DIR (or
+--config.data_dir) at it, e.g. ../shared/data/tensorflow_datasets.
+"""
+import ml_collections
+
+from configs import common
+
+
+def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
+             steps: int) -> ml_collections.ConfigDict:
+  config.model_name = 'ViT-Ti_16'
+  config.model = ml_collections.ConfigDict(dict(
+      patch_size=4, hidden_size=width, num_layers=depth, mlp_dim=2 * width,
+      num_heads=width // 64 if width >= 128 else 2))
+  config.dataset = 'cifar10'
+  config.image_size = 32
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.total_steps = steps
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.weight_decay = 0.05
+  config.schedule.warmup_steps = steps // 20
+  config.label_smoothing = 0.1
+  config.log_every = 50
+  config.checkpoint_every = 500
+  return config
+
+
+def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
+  config = common.get_config()
+  if arg == 'cifar10_quick':
+    return _cifar10(config, width=128, depth=4, steps=600)
+  if arg == 'cifar10':
+    return _cifar10(config, width=192, depth=6, steps=6000)
+  if arg == 'imagenet_s16':
+    config.model_name = 'ViT-S_16'
+    config.model = ml_collections.ConfigDict(dict(classifier='gap'))
+    config.dataset = 'imagenet2012'
+    config.train_split = 'train[:99%]'  # minival held out, as in the paper
+    config.eval_split = 'train[99%:]'
+    config.image_size = 224
+    config.eval_resize = 'resize_crop'
+    config.batch_size = 1024
+    config.eval_batch_size = 1024
+    config.total_steps = 90 * 1_281_167 // 1024
+    config.optimizer.name = 'adamw'
+    config.optimizer.learning_rate = 1e-3
+    # optax scales the decoupled decay by the lr: 0.1 * 1e-3 = big_vision's 1e-4.
+    config.optimizer.weight_decay = 0.1
+    config.schedule.warmup_steps = 10_000
+    config.grad_clip_norm = 1.0
+    config.randaugment_layers = 2
+    config.randaugment_magnitude = 10
+    config.mixup_alpha = 0.2
+    config.eval_every = 5000
+    config.checkpoint_every = 2000
+    return config
+  raise ValueError(f'Unknown pretrain config {arg!r}; allowed: cifar10_quick, '
+                   'cifar10, imagenet_s16.')

@@ -1,0 +1,213 @@
+"""The trainer on real CIFAR-10: parallelism equivalence, resume, preemption."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain
+from vit_jax import checkpoint
+from vit_jax import state_checkpoint
+from vit_jax import train
+from vit_jax import train_utils
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A tiny model on a slice of real CIFAR-10: seconds per run on 2 cores.
+TINY = {
+    'model.num_layers': 1, 'model.hidden_size': 32, 'model.mlp_dim': 64,
+    'model.num_heads': 2, 'model.patch_size': 8, 'train_split': 'train[:2%]',
+    'eval_split': 'test[:200]', 'batch_size': 16, 'eval_batch_size': 40,
+    'total_steps': 6, 'log_every': 1, 'checkpoint_every': 2,
+    'schedule.warmup_steps': 2, 'optimizer.learning_rate': 3e-3,
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = pretrain.get_config('cifar10_quick')
+  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def cli(data_dir: str, workdir, **overrides) -> list[str]:
+  args = [sys.executable, '-m', 'vit_jax.main',
+          '--config=configs/pretrain.py:cifar10_quick', f'--workdir={workdir}']
+  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
+    args.append(f'--config.{key}={value}')
+  return args
+
+
+def final_params(config, workdir) -> dict:
+  """The parameters of the newest checkpoint in `workdir`."""
+  setup = train.create_setup(config)
+  tx = train.optim.create_optimizer(config, setup.total_steps)
+  state, shardings = train.create_train_state(setup, tx)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, shardings)
+  with state_checkpoint.StateCheckpointer(
+      pathlib.Path(workdir) / 'checkpoints') as ckpt:
+    restored, _ = ckpt.restore(abstract)
+  return jax.device_get(restored['params'])
+
+
+def losses(result) -> np.ndarray:
+  return np.array([loss for _, loss in result['train_loss_history']])
+
+
+def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
+    tfds_data_dir, tmp_path):
+  results = {}
+  for name, data, fsdp in [('single', 1, 1), ('dp8', 8, 1), ('fsdp8', 1, 8)]:
+    config = tiny_config(tfds_data_dir, **{'mesh.data': data,
+                                           'mesh.fsdp': fsdp,
+                                           'mesh.fsdp_min_size': 256})
+    results[name] = train.train_and_evaluate(config, tmp_path / name)
+  assert len(losses(results['single'])) == 6
+  for name in ('dp8', 'fsdp8'):
+    np.testing.assert_allclose(losses(results[name]), losses(results['single']),
+                               rtol=2e-4)
+    assert results[name]['eval_num_examples'] == 200
+    assert abs(results[name]['eval_accuracy'] -
+               results['single']['eval_accuracy']) <= 0.01
+
+
+def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
+  config = tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
+                                         'mesh.fsdp_min_size': 1024})
+  setup = train.create_setup(config)
+  tx = train.optim.create_optimizer(config, setup.total_steps)
+  state, _ = train.create_train_state(setup, tx)
+  mlp = state['params']['Transformer']['encoderblock_0']['MlpBlock_0']
+  kernel = mlp['Dense_0']['kernel']  # (32, 64): largest divisible dim is 64
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  assert kernel.addressable_shards[0].data.shape == (32, 16)
+  assert mlp['Dense_0']['bias'].sharding.spec == jax.sharding.PartitionSpec()
+  adam_mu = state['opt_state'][1][0].mu  # chain(clip, adamw): same layout
+  assert adam_mu['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0'][
+      'kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+
+
+def test_gradient_accumulation_matches_the_full_batch(tfds_data_dir, tmp_path):
+  full = train.train_and_evaluate(
+      tiny_config(tfds_data_dir, total_steps=3), tmp_path / 'full')
+  accum = train.train_and_evaluate(
+      tiny_config(tfds_data_dir, total_steps=3, accum_steps=2),
+      tmp_path / 'accum')
+  np.testing.assert_allclose(losses(accum), losses(full), rtol=2e-4)
+
+
+def test_short_run_on_real_cifar10_learns(tfds_data_dir, tmp_path):
+  config = tiny_config(
+      tfds_data_dir, train_split='train[:20%]', eval_split='test[:1000]',
+      total_steps=150, batch_size=64, log_every=1, checkpoint_every=150,
+      **{'model.hidden_size': 64, 'model.mlp_dim': 128,
+         'schedule.warmup_steps': 15})
+  result = train.train_and_evaluate(config, tmp_path)
+  history = losses(result)
+  assert history[-20:].mean() < history[:20].mean() - 0.1, history
+  assert result['eval_num_examples'] == 1000
+  assert result['eval_accuracy'] > 0.25, result  # chance is 0.10
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert saved['eval_accuracy'] == result['eval_accuracy']
+  assert list((tmp_path).glob('events.out.tfevents.*'))
+
+
+def _wait_for(predicate, proc, timeout=300):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early with status {proc.returncode}: '
+                           f'{proc.stdout.read()}')
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.2)
+
+
+def _complete_steps(workdir) -> list[int]:
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
+
+
+def test_sigkill_then_restart_resumes_and_ends_like_an_uninterrupted_run(
+    tfds_data_dir, tmp_path):
+  overrides = dict(total_steps=10)
+  env = dict(os.environ)
+  killed = subprocess.Popen(cli(tfds_data_dir, tmp_path / 'run', **overrides),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  _wait_for(lambda: _complete_steps(tmp_path / 'run') and
+            _complete_steps(tmp_path / 'run')[-1] >= 4, killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert _complete_steps(tmp_path / 'run')[-1] < 10
+  resumed = subprocess.run(cli(tfds_data_dir, tmp_path / 'run', **overrides),
+                           cwd=REPO, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'Resumed from step' in resumed.stderr
+  config = tiny_config(tfds_data_dir, **overrides)
+  train.train_and_evaluate(config, tmp_path / 'straight')
+  jax.tree.map(np.testing.assert_array_equal,
+               final_params(config, tmp_path / 'run'),
+               final_params(config, tmp_path / 'straight'))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
+                                                         tmp_path):
+  overrides = dict(total_steps=100000, checkpoint_every=100000)
+  proc = subprocess.Popen(cli(tfds_data_dir, tmp_path, **overrides), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  _wait_for(lambda: (tmp_path / 'events.out.tfevents').exists() or
+            list(tmp_path.glob('events.out.tfevents.*')), proc)
+  time.sleep(3)  # let it train a few steps
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == train_utils.PREEMPTED_EXIT_CODE, output
+  steps = _complete_steps(tmp_path)
+  assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+  assert f'checkpoint of step {steps[0]} written' in output
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'model_name': 'ViT-B16'}, r"Unknown model name 'ViT-B16'.*ViT-B_16"),
+    ({'optimizer.name': 'adam'}, r"Unknown optimizer 'adam'.*'adamw'"),
+    ({'schedule.name': 'cosin'}, r"Unknown schedule 'cosin'.*'cosine'"),
+    ({'batch_size': 12}, r'batch_size=12 must be divisible by the 8 devices'),
+    ({'batch_size': 16, 'accum_steps': 4},
+     r'divisible by the 8 devices x accum_steps=4 = 32'),
+    ({'mesh.data': 4, 'mesh.fsdp': 4}, r'needs 16 devices but 8 are available'),
+    ({'image_size': 36}, r'Image size 36x36 is not divisible'),
+    ({'dataset': 'cifar11'}, r"cifar11.*cifar10"),
+])
+def test_bad_config_fails_before_compiling(tfds_data_dir, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.create_setup(tiny_config(tfds_data_dir, **overrides))
+
+
+def test_fine_tune_from_npz_at_higher_resolution_and_new_classes(
+    tfds_data_dir, tmp_path):
+  source = tiny_config(tfds_data_dir, total_steps=4)
+  train.train_and_evaluate(source, tmp_path / 'pretrain')
+  npz = tmp_path / 'pretrained.npz'
+  checkpoint.save_npz(npz, final_params(source, tmp_path / 'pretrain'))
+  config = tiny_config(tfds_data_dir, image_size=48, total_steps=40,
+                       log_every=1, **{'pretrained.path': str(npz),
+                                       'model.classifier': 'token'})
+  result = train.train_and_evaluate(config, tmp_path / 'finetune')
+  history = losses(result)
+  assert history[-10:].mean() < history[:5].mean(), history
+  params = final_params(config, tmp_path / 'finetune')
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
+      1, 6 * 6 + 1, 32)

@@ -1,0 +1,84 @@
+"""Optimizers and learning-rate schedules, found by name from the config.
+
+config.optimizer: name ('sgd' | 'adamw'), learning_rate, and per optimizer
+  sgd: momentum, nesterov, accumulator_dtype ('float32' | 'bfloat16')
+  adamw: b1, b2, eps, weight_decay (decoupled, kernels only, scaled by the lr
+    as in Loshchilov & Hutter / optax), mu_dtype
+config.schedule: name ('cosine' | 'linear' | 'rsqrt' | 'constant'),
+  warmup_steps, end_learning_rate (cosine / linear);
+config.grad_clip_norm: global-norm clipping, 0 disables.
+"""
+from collections.abc import Callable
+import difflib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ('cosine', 'linear', 'rsqrt', 'constant')
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def _unknown(kind: str, name: str, allowed) -> ValueError:
+  close = difflib.get_close_matches(name, allowed, n=1)
+  hint = f' Did you mean {close[0]!r}?' if close else ''
+  return ValueError(f'Unknown {kind} {name!r}.{hint} Allowed: '
+                    f'{", ".join(allowed)}.')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Validates optimizer and schedule names (called before any compile)."""
+  if config.optimizer.name not in OPTIMIZERS:
+    raise _unknown('optimizer', config.optimizer.name, OPTIMIZERS)
+  if config.schedule.name not in SCHEDULES:
+    raise _unknown('schedule', config.schedule.name, SCHEDULES)
+
+
+def create_schedule(config: ml_collections.ConfigDict, total_steps: int
+                    ) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup from 0 to the peak, then the named decay."""
+  check_config(config)
+  peak = config.optimizer.learning_rate
+  sched = config.schedule
+  warmup = sched.warmup_steps
+  decay_steps = max(total_steps - warmup, 1)
+  end = sched.get('end_learning_rate', 0.0)
+  if sched.name == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+  elif sched.name == 'linear':
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif sched.name == 'rsqrt':
+    # lr * sqrt(warmup / step): continuous with the warmup at its end.
+    decay = lambda s: peak * jnp.sqrt(warmup / jnp.maximum(s + warmup, 1))
+  else:
+    decay = optax.constant_schedule(peak)
+  if not warmup:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def kernels_only(params) -> object:
+  """Mask: True for weight matrices/conv kernels, False for biases, norms, embeddings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                     ) -> optax.GradientTransformation:
+  """Clipping (if any) followed by the named optimizer on the schedule."""
+  schedule = create_schedule(config, total_steps)
+  opt = config.optimizer
+  if opt.name == 'sgd':
+    main = optax.sgd(schedule, momentum=opt.get('momentum', 0.9) or None,
+                     nesterov=opt.get('nesterov', False),
+                     accumulator_dtype=jnp.dtype(
+                         opt.get('accumulator_dtype', 'float32')))
+  else:
+    main = optax.adamw(schedule, b1=opt.get('b1', 0.9), b2=opt.get('b2', 0.999),
+                       eps=opt.get('eps', 1e-8),
+                       weight_decay=opt.get('weight_decay', 0.0),
+                       mu_dtype=opt.get('mu_dtype', None), mask=kernels_only)
+  clip = config.get('grad_clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), main) if clip else main
