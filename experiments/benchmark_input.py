@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from vit_jax import data_sources  # noqa: E402
 from vit_jax import input_pipeline as ip  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def rate(batches, batch_size: int, warmup: int, measured: int,
 def host_stream(dataset: str, split: str, data_dir, batch: int, size: int,
                 **kw):
   """The tf.data stream only (what feeds the devices), as numpy batches."""
-  src = ip._source(dataset, data_dir, None)
+  src = data_sources.open_source(dataset, data_dir, None)
   ds = ip.train_dataset(
       src, split, local_batch=batch, size=(size, size), seed=0,
       start_position=0, process_index=0, process_count=1,

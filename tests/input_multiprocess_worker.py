@@ -2,7 +2,8 @@
 
 Usage: python input_multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
            FOLDER_ROOT TFDS_DATA_DIR_OR_EMPTY OUT_JSON
-Writes what the global batches held (gathered from all processes) to OUT_JSON.
+Writes what the global batches held (gathered from all processes) to OUT_JSON
+(and, with CIFAR, global-order training batches to OUT_JSON's .npz twin).
 """
 import json
 import os
@@ -78,6 +79,17 @@ def main():
     rows, n = eval_fingerprints('cifar10', 'test[:203]', tfds_dir, 16, 32,
                                 sharding, ip)
     result['cifar_eval'] = {'rows': rows, 'batches': n}
+    # Global order: the test compares these with a 1-process run's batches.
+    kw = dict(split='train[:2%]', data_dir=tfds_dir, global_batch_size=16,
+              image_size=32, sharding=sharding, seed=5, global_order=True)
+    it = ip.train_iterator('cifar10', **kw)
+    batches = [next(it) for _ in range(3)]
+    resumed = next(ip.train_iterator('cifar10', start_position=2, **kw))
+    np.savez(out.replace('.json', '.npz'),
+             image=[gather(b['image']) for b in batches],
+             label=[gather(b['label']) for b in batches],
+             resumed_image=gather(resumed['image']),
+             resumed_label=gather(resumed['label']))
 
   errors = {}
   replicated = NamedSharding(mesh, P())

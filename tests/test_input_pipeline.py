@@ -1,4 +1,5 @@
 """Input pipeline: real CIFAR-10, real ImageNet photos, generated image folders."""
+import itertools
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import data_sources
 from vit_jax import input_pipeline as ip
 from vit_jax import preprocess
 
@@ -72,7 +74,7 @@ def _values(image: jax.Array) -> np.ndarray:
 
 def _folder_info(folder):
   with pytest.warns(RuntimeWarning, match=r'Skipped 2 of 26 image files'):
-    ip._SOURCES.clear()  # A fresh scan, so the warning is raised here.
+    data_sources._SOURCES.clear()  # A fresh scan, so the warning is raised here.
     return ip.get_dataset_info(f'imagefolder:{folder}')
 
 
@@ -237,6 +239,98 @@ def test_cifar_randaugment_mixup_cutmix(tfds_data_dir):
   assert (mixed.max(1) < 1.0).any()  # Soft labels appear.
 
 
+# --------------------------------------------------- global_order=True
+def _stream(src, split, n, *, local_batch, process_index=0, process_count=1,
+            start=0, **kw):
+  """First n host batches of one process's train_dataset (no devices)."""
+  args = dict(size=(32, 32), seed=0, randaugment=None, mixup_alpha=0.0,
+              cutmix_alpha=0.0, shuffle_buffer=64,
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ip.train_dataset(src, split, local_batch=local_batch,
+                        start_position=start, process_index=process_index,
+                        process_count=process_count, **{**args, **kw})
+  return list(itertools.islice(ds.as_numpy_iterator(), n))
+
+
+def _joined(parts):
+  """Global batches = each process's local batch, concatenated in order."""
+  return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]}
+          for i in range(len(parts[0]))]
+
+
+def _assert_same(batches, others):
+  assert len(batches) == len(others)
+  for a, b in zip(batches, others):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_global_order_batches_do_not_depend_on_process_count(tfds_data_dir):
+  src = data_sources.open_source('cifar10', tfds_data_dir, None)
+  split = 'train[:200]'  # 12.5 global batches of 16 per epoch; 14 cross it.
+  one = _stream(src, split, 14, local_batch=16, global_order=True)
+  # On 1 process global order is the default stream.
+  _assert_same(one, _stream(src, split, 14, local_batch=16))
+  halves = [_stream(src, split, 14, local_batch=8, process_index=p,
+                    process_count=2, global_order=True) for p in range(2)]
+  _assert_same(one, _joined(halves))
+  quarters = [_stream(src, split, 14, local_batch=4, process_index=p,
+                      process_count=4, global_order=True) for p in range(4)]
+  _assert_same(one, _joined(quarters))
+  # A process whose devices hold non-contiguous rows keeps those, ascending.
+  odd = _stream(src, split, 2, local_batch=8, process_count=2,
+                global_order=True, rows=range(1, 16, 2))
+  _assert_same([{k: v[1::2] for k, v in b.items()} for b in one[:2]], odd)
+  for start in (12, 13):  # Resume at and after the epoch boundary.
+    _assert_same(halves[1][start:],
+                 _stream(src, split, 14 - start, local_batch=8, start=start,
+                         process_index=1, process_count=2, global_order=True))
+
+
+def test_global_order_mixup_mixes_within_each_process(tfds_data_dir):
+  src = data_sources.open_source('cifar10', tfds_data_dir, None)
+  kw = dict(global_order=True, mixup_alpha=0.2, cutmix_alpha=1.0)
+  one = _stream(src, 'train[:64]', 4, local_batch=16, **kw)
+  two = _joined([_stream(src, 'train[:64]', 4, local_batch=8, process_index=p,
+                         process_count=2, **kw) for p in range(2)])
+  inner = [r for r in range(16) if r % 8]  # Rows whose partner is local.
+  _assert_same([{k: v[inner] for k, v in b.items()} for b in one],
+               [{k: v[inner] for k, v in b.items()} for b in two])
+  # A process's first row is mixed with its own last row instead.
+  assert any(not np.array_equal(a['label'][8], b['label'][8])
+             for a, b in zip(one, two))
+
+
+def test_global_order_reads_only_own_files(folder, monkeypatch):
+  _folder_info(folder)
+  src = data_sources.open_source(f'imagefolder:{folder}', None, None)
+  value_of = {str(folder / 'train' / c / (f'{i}.JPEG' if c == 'zebra' else
+                                          f'{i}.png')): v
+              for c, vs in TRAIN_VALUES.items() for i, v in enumerate(vs)}
+  reads, read_file = [], tf.io.read_file
+
+  def spy(path, name=None):  # Logs every file the stream reads, in order.
+    path = tf.py_function(lambda p: reads.append(p.numpy().decode()) or p,
+                          [path], tf.string)
+    return read_file(tf.ensure_shape(path, []), name=name)
+
+  monkeypatch.setattr(tf.io, 'read_file', spy)
+  kw = dict(size=(4, 4), global_order=True, num_parallel_calls=1)
+  one = _stream(src, 'train', 6, local_batch=8, **kw)  # 2 epochs.
+  expected = sorted(value_of.values())
+  near = lambda b: [min(expected, key=lambda e: abs(e - v))
+                    for v in _values(b['image'])]
+  parts = []
+  for p in range(2):
+    reads.clear()
+    parts.append(_stream(src, 'train', 6, local_batch=4, process_index=p,
+                         process_count=2, **kw))
+    kept = [v for b in parts[-1] for v in near(b)]
+    # Files are read in stream order, and only this process's ones.
+    assert [value_of[r] for r in reads][:len(kept)] == kept
+  _assert_same(one, _joined(parts))
+
+
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_cifar_eval_exactly_once(tfds_data_dir, num_devices):
   split, batch = 'test[:203]', 16
@@ -389,7 +483,8 @@ def _free_port() -> int:
 
 
 def test_two_processes(folder, tmp_path, request):
-  """2 processes x 4 devices: folder eval/train, CIFAR eval, batch errors.
+  """2 processes x 4 devices: folder eval/train, CIFAR eval, batch errors,
+  CIFAR global-order train batches equal to those of 1 process x 8 devices.
 
   The CIFAR part runs where the shared data is present; the rest always.
   """
@@ -433,3 +528,13 @@ def test_two_processes(folder, tmp_path, request):
     for r in res:
       assert sorted(tuple(x) for x in r['cifar_eval']['rows']) == expected_rows
       assert r['cifar_eval']['batches'] == 13  # ceil(102 / 8).
+    # The worker's kwargs, on this one process with 8 devices.
+    expected = _take(ip.train_iterator(
+        'cifar10', split='train[:2%]', data_dir=tfds_dir, global_batch_size=16,
+        image_size=32, sharding=_sharding(8), seed=5, global_order=True), 3)
+    for i in range(2):
+      got = np.load(tmp_path / f'out{i}.npz')
+      _assert_same(expected, [{'image': got['image'][k],
+                               'label': got['label'][k]} for k in range(3)])
+      _assert_same(expected[2:], [{'image': got['resumed_image'],
+                                   'label': got['resumed_label']}])
