@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import layers
 from vit_jax import models
 
 # Parameter counts at 224px, 1000 classes (the paper's and Google's numbers).
@@ -184,7 +185,7 @@ def test_xla_attention_matches_jax_reference():
   params = init_randomized(model, x)
   attn_params = params['Transformer']['encoderblock_0'][
       'MultiHeadDotProductAttention_0']
-  attn = models.MultiHeadDotProductAttention(num_heads=2)
+  attn = layers.MultiHeadDotProductAttention(num_heads=2)
   tokens = jax.random.normal(jax.random.key(5), (2, 17, 32))
   out = attn.apply({'params': attn_params}, tokens, True)
   proj = lambda n: jnp.einsum('btd,dhk->bthk', tokens, attn_params[n]['kernel']

@@ -1,0 +1,125 @@
+"""Transformer encoder layers: attention, MLP, stochastic depth, the block.
+
+Submodule names (`MultiHeadDotProductAttention_0/{query,key,value,out}`,
+`MlpBlock_0/Dense_{0,1}`, `LayerNorm_{0,1}`) are those of Google's linen
+checkpoints.
+"""
+import functools
+from typing import Any
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh approximation) -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    dense = functools.partial(
+        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim, name='Dense_0')(x), approximate=True)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    y = dense(x.shape[-1], name='Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with q/k/v kernels (D, heads, D/heads), out (heads, D/heads, D).
+
+  `implementation='xla'` computes softmax(q k^T / sqrt(d)) v with a float32
+  softmax and sows the attention weights (collection `intermediates`) for
+  inspection; `'cudnn'` calls cuDNN's fused flash attention.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+  implementation: str = 'xla'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _use_cudnn(self, deterministic: bool) -> bool:
+    if self.implementation != 'cudnn':
+      return False
+    reason = None
+    if jax.default_backend() != 'gpu':
+      reason = f'the {jax.default_backend()!r} backend has no cuDNN'
+    elif self.dtype not in _CUDNN_DTYPES:
+      reason = f'cuDNN flash attention needs bfloat16/float16, not {self.dtype}'
+    elif self.dropout_rate > 0 and not deterministic:
+      reason = 'cuDNN flash attention has no attention dropout'
+    if reason:
+      warnings.warn(f"attention implementation 'cudnn' unavailable ({reason}); "
+                    "using 'xla' attention instead.", stacklevel=2)
+      return False
+    return True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    features = x.shape[-1]
+    head_dim = features // self.num_heads
+    dense = functools.partial(
+        nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = (dense((self.num_heads, head_dim), name=n)(x)
+               for n in ('query', 'key', 'value'))  # [batch, tokens, heads, d]
+    if self._use_cudnn(deterministic):
+      y = jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    else:
+      q = q / jnp.sqrt(head_dim).astype(self.dtype)
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
+      y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return dense(features, axis=(-2, -1), name='out')(y)
+
+
+def _drop_path(module: nn.Module, x: jax.Array, rate, deterministic: bool):
+  """Stochastic depth: drops the whole residual branch per example.
+
+  `rate` is a Python float when unrolled and a traced scalar under scan.
+  """
+  if deterministic or (isinstance(rate, float) and rate == 0.0):
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  attention_impl: str = 'xla'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_path_rate, deterministic: bool):
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    y = norm(name='LayerNorm_0')(x)
+    y = MultiHeadDotProductAttention(
+        self.num_heads, self.attention_dropout_rate, self.attention_impl,
+        self.dtype, self.param_dtype, name='MultiHeadDotProductAttention_0')(
+            y, deterministic)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    x = x + _drop_path(self, y, drop_path_rate, deterministic)
+    y = norm(name='LayerNorm_1')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
+                 name='MlpBlock_0')(y, deterministic)
+    return x + _drop_path(self, y, drop_path_rate, deterministic)
