@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.randaugment_magnitude = 10
   config.mixup_alpha = 0.0
   config.cutmix_alpha = 0.0
+  # True: every process reads the whole split and keeps its slice of each
+  # global batch, so batches (and results) do not depend on the number of
+  # processes. Cheap for CIFAR-sized data, costly for ImageNet on many hosts.
+  config.input_global_order = False
 
   # Fine-tuning: start from these weights (an .npz in any published layout),
   # adapting the head and resizing the position embedding ('bilinear' as

@@ -211,3 +211,79 @@ def test_fine_tune_from_npz_at_higher_resolution_and_new_classes(
   params = final_params(config, tmp_path / 'finetune')
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 6 * 6 + 1, 32)
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_result_of_one_process_with_8_devices(
+    tfds_data_dir, tmp_path):
+  overrides = {'input_global_order': True, 'mesh.fsdp': 2,
+               'mesh.fsdp_min_size': 256}
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = {**os.environ,
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+    procs.append(subprocess.Popen(
+        cli(tfds_data_dir, tmp_path / 'two', **overrides,
+            **{'distributed.coordinator_address': f'127.0.0.1:{port}',
+               'distributed.num_processes': 2, 'distributed.process_id': pid}),
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+  for proc, output in zip(procs, outputs):
+    assert proc.returncode == 0, output
+  assert '2 process(es), 8 cpu device(s)' in outputs[0]
+  two = json.loads((tmp_path / 'two' / 'metrics.json').read_text())
+  one = train.train_and_evaluate(tiny_config(tfds_data_dir, **overrides),
+                                 tmp_path / 'one')
+  np.testing.assert_allclose(losses(two), losses(one), rtol=2e-4)
+  assert two['eval_num_examples'] == one['eval_num_examples'] == 200
+  assert abs(two['eval_accuracy'] - one['eval_accuracy']) <= 0.01
+  # atol: the attention key bias has a zero true gradient, so Adam turns
+  # float noise of order 1e-10 into updates of up to ~lr/100 there.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-4),
+               final_params(tiny_config(tfds_data_dir, **overrides),
+                            tmp_path / 'two'),
+               final_params(tiny_config(tfds_data_dir, **overrides),
+                            tmp_path / 'one'))
+
+
+def _nan_learning_rate_from(monkeypatch, bad_step: int):
+  """Injects a fault: the schedule turns NaN at `bad_step` (0-based)."""
+  create_schedule = train.optim.create_schedule
+
+  def poisoned(config, total_steps):
+    schedule = create_schedule(config, total_steps)
+    return lambda s: jax.numpy.where(s >= bad_step, jax.numpy.nan, schedule(s))
+
+  monkeypatch.setattr(train.optim, 'create_schedule', poisoned)
+
+
+def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tfds_data_dir, tmp_path, monkeypatch):
+  _nan_learning_rate_from(monkeypatch, bad_step=4)
+  config = tiny_config(tfds_data_dir, total_steps=8, log_every=100)
+  with pytest.raises(train_utils.NonFiniteLossError,
+                     match=r'at step 5 .*Last finite metrics: step 4.*'
+                     r'Last good checkpoint: step 4'):
+    train.train_and_evaluate(config, tmp_path)
+  assert _complete_steps(tmp_path) == [2, 4]
+  monkeypatch.undo()
+  params = final_params(config, tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_non_finite_steps_can_be_skipped(tfds_data_dir, tmp_path, monkeypatch):
+  _nan_learning_rate_from(monkeypatch, bad_step=4)
+  config = tiny_config(tfds_data_dir, total_steps=7, on_nonfinite='skip')
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result['skipped_steps'] == 3 and result['step'] == 7
+  params = final_params(config, tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -130,8 +130,11 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation):
       total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
       loss, grads = jax.tree.map(lambda x: x / accum, total)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    update_norm = optax.tree.norm(updates)
+    # A finite loss can still come with an update that poisons the params.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(update_norm))
     new_state = {'step': state['step'] + 1,
                  'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': state['rng']}
@@ -140,7 +143,8 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation):
       keep = lambda new, old: jnp.where(finite, new, old)
       new_state = {**jax.tree.map(keep, new_state, state),
                    'step': state['step'] + 1}
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+    metrics = {'loss': loss, 'grad_norm': grad_norm,
+               'update_norm': update_norm, 'finite': finite,
                'learning_rate': schedule(state['step'])}
     return new_state, metrics
 
@@ -231,7 +235,8 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
       global_batch_size=config.batch_size, image_size=setup.image_size,
       sharding=batch_sharding, seed=config.seed, start_position=data_position,
       randaugment=train_utils.randaugment(config),
-      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha)
+      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+      global_order=config.input_global_order)
   progress = train_utils.Progress(setup.total_steps, config.batch_size, writer)
   step = int(state['step'])
   unchecked = None  # (step, metrics) not yet checked: read one step late

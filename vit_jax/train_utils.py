@@ -150,8 +150,10 @@ class Progress:
       return
     last = (f'step {self._last_finite[0]}: {self._last_finite[1]}'
             if self._last_finite else 'none')
+    ckpt.wait_until_finished()  # the save in flight is a good one: keep it
     raise NonFiniteLossError(
-        f'Non-finite loss or gradients at step {step} ({values}). Last finite '
+        f'Non-finite loss, gradients or update at step {step} ({values}). '
+        'Last finite '
         f'metrics: {last}. Last good checkpoint: step {ckpt.latest_step()} '
         '(kept). Lower the learning rate, add grad_clip_norm, or set '
         "config.on_nonfinite='skip' to skip such steps.")
