@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = ''
   config.image_size = 0  # 0 -> the dataset preset's resolution
   config.eval_resize = 'resize'  # Google's fine-tuning protocol; or 'resize_crop'
+  config.crop_min_area = 0.05  # inception crop: 5-100 % of the image area
   config.randaugment_layers = 0  # 0 disables RandAugment
   config.randaugment_magnitude = 10
   config.mixup_alpha = 0.0

@@ -25,13 +25,14 @@ from configs import common
 
 
 def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
-             steps: int) -> ml_collections.ConfigDict:
+             steps: int, crop_min_area: float) -> ml_collections.ConfigDict:
   config.model_name = 'ViT-Ti_16'
   config.model = ml_collections.ConfigDict(dict(
       patch_size=4, hidden_size=width, num_layers=depth, mlp_dim=2 * width,
       num_heads=width // 64 if width >= 128 else 2))
   config.dataset = 'cifar10'
   config.image_size = 32
+  config.crop_min_area = crop_min_area
   config.batch_size = 128
   config.eval_batch_size = 500
   config.total_steps = steps
@@ -48,9 +49,12 @@ def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
 def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
   config = common.get_config()
   if arg == 'cifar10_quick':
-    return _cifar10(config, width=128, depth=4, steps=600)
+    return _cifar10(config, width=128, depth=4, steps=600, crop_min_area=0.05)
   if arg == 'cifar10':
-    return _cifar10(config, width=192, depth=6, steps=6000)
+    config = _cifar10(config, width=192, depth=6, steps=3000,
+                      crop_min_area=0.25)
+    config.eval_every = 1000
+    return config
   if arg == 'imagenet_s16':
     config.model_name = 'ViT-S_16'
     config.model = ml_collections.ConfigDict(dict(classifier='gap'))

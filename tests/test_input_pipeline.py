@@ -538,3 +538,28 @@ def test_two_processes(folder, tmp_path, request):
                                'label': got['label'][k]} for k in range(3)])
       _assert_same(expected[2:], [{'image': got['resumed_image'],
                                    'label': got['resumed_label']}])
+
+
+def test_crop_min_area_bounds_the_inception_crop():
+  image = tf.random.stateless_uniform([32, 32, 3], [0, 0], maxval=256,
+                                      dtype=tf.int32)
+  image = tf.cast(image, tf.uint8)
+  data = tf.io.encode_png(image)
+  whole = np.asarray(preprocess.to_unit_range(image))
+  candidates = (whole, whole[:, ::-1])
+
+  def crops(min_area):
+    return [np.asarray(preprocess.train_image(data, tf.constant([s, 0]),
+                                              (32, 32), crop_min_area=min_area))
+            for s in range(8)]
+
+  for out in crops(1.0):  # the whole image, maybe mirrored
+    assert any(np.array_equal(out, c) for c in candidates)
+  assert not all(any(np.array_equal(out, c) for c in candidates)
+                 for out in crops(0.05))
+
+
+def test_crop_min_area_out_of_range_is_refused(tfds_data_dir):
+  with pytest.raises(ValueError, match=r'crop_min_area must be in \(0, 1\], '
+                     r'got 1.5'):
+    _cifar_train(tfds_data_dir, crop_min_area=1.5)

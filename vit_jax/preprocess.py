@@ -94,10 +94,13 @@ def to_unit_range(image: tf.Tensor) -> tf.Tensor:
 
 
 def train_image(data: tf.Tensor, seed: tf.Tensor, size: Size,
-                randaug: tuple[int, float] | None = None) -> tf.Tensor:
+                randaug: tuple[int, float] | None = None,
+                crop_min_area: float = 0.05) -> tf.Tensor:
   """Inception crop -> resize -> flip [-> RandAugment] -> [-1, 1]."""
   s_crop, s_flip, s_aug = split_seed(seed, 3)
-  image = random_flip(inception_crop(data, s_crop, size), s_flip)
+  image = random_flip(
+      inception_crop(data, s_crop, size, area_range=(crop_min_area, 1.0)),
+      s_flip)
   if randaug:
     image = randaugment(image, s_aug, *randaug)
   return to_unit_range(image)

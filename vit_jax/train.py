@@ -236,7 +236,8 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
       sharding=batch_sharding, seed=config.seed, start_position=data_position,
       randaugment=train_utils.randaugment(config),
       mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-      global_order=config.input_global_order)
+      global_order=config.input_global_order,
+      crop_min_area=config.crop_min_area)
   progress = train_utils.Progress(setup.total_steps, config.batch_size, writer)
   step = int(state['step'])
   unchecked = None  # (step, metrics) not yet checked: read one step late
