@@ -5,14 +5,29 @@ config is locked: a misspelt field is an error).
 """
 import ml_collections
 
+# Every VisionTransformer field a config may override (bfloat16 compute:
+# --config.model.dtype=bfloat16; square patches as one int).
+MODEL_OPTIONS = {
+    'patch_size': int, 'hidden_size': int, 'num_layers': int,
+    'num_heads': int, 'mlp_dim': int, 'resnet_layers': tuple,
+    'resnet_width': int, 'classifier': str, 'representation_size': int,
+    'dropout_rate': float, 'attention_dropout_rate': float,
+    'stochastic_depth': float, 'head_bias_init': float,
+    'attention_impl': str, 'remat_policy': str, 'scan_layers': bool,
+    'dtype': str, 'param_dtype': str,
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Model: a registry name (vit_jax.models.MODELS) and field overrides.
+  # Model: a registry name (vit_jax.models.MODELS) and field overrides;
+  # None keeps the registry's value.
   config.model_name = 'ViT-Ti_16'
-  config.model = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(
+      {name: ml_collections.FieldReference(None, field_type=field_type)
+       for name, field_type in MODEL_OPTIONS.items()})
 
   # Data: TFDS name (or 'imagefolder:/path'); empty splits/size -> presets.
   config.dataset = 'cifar10'

@@ -27,9 +27,8 @@ from configs import common
 def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
              steps: int, crop_min_area: float) -> ml_collections.ConfigDict:
   config.model_name = 'ViT-Ti_16'
-  config.model = ml_collections.ConfigDict(dict(
-      patch_size=4, hidden_size=width, num_layers=depth, mlp_dim=2 * width,
-      num_heads=width // 64 if width >= 128 else 2))
+  config.model.update(dict(patch_size=4, hidden_size=width, num_layers=depth,
+                           mlp_dim=2 * width, num_heads=width // 64))
   config.dataset = 'cifar10'
   config.image_size = 32
   config.crop_min_area = crop_min_area
@@ -57,7 +56,7 @@ def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
     return config
   if arg == 'imagenet_s16':
     config.model_name = 'ViT-S_16'
-    config.model = ml_collections.ConfigDict(dict(classifier='gap'))
+    config.model.classifier = 'gap'
     config.dataset = 'imagenet2012'
     config.train_split = 'train[:99%]'  # minival held out, as in the paper
     config.eval_split = 'train[99%:]'

@@ -142,7 +142,9 @@ def _complete_steps(workdir) -> list[int]:
 
 def test_sigkill_then_restart_resumes_and_ends_like_an_uninterrupted_run(
     tfds_data_dir, tmp_path):
-  overrides = dict(total_steps=10)
+  # Also the CLI's typed model overrides, and scan + remat in a real run.
+  overrides = {'total_steps': 10, 'model.scan_layers': True,
+               'model.remat_policy': 'dots'}
   env = dict(os.environ)
   killed = subprocess.Popen(cli(tfds_data_dir, tmp_path / 'run', **overrides),
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -158,6 +160,7 @@ def test_sigkill_then_restart_resumes_and_ends_like_an_uninterrupted_run(
   assert 'Resumed from step' in resumed.stderr
   config = tiny_config(tfds_data_dir, **overrides)
   train.train_and_evaluate(config, tmp_path / 'straight')
+  assert 'encoderblock' in final_params(config, tmp_path / 'run')['Transformer']
   jax.tree.map(np.testing.assert_array_equal,
                final_params(config, tmp_path / 'run'),
                final_params(config, tmp_path / 'straight'))
@@ -287,3 +290,25 @@ def test_non_finite_steps_can_be_skipped(tfds_data_dir, tmp_path, monkeypatch):
   assert result['skipped_steps'] == 3 and result['step'] == 7
   params = final_params(config, tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_cross_entropy_with_label_smoothing():
+  logits = jax.numpy.array([[2.0, 0.0, -1.0]])
+  labels = jax.numpy.array([[0.0, 1.0, 0.0]])
+  log_p = jax.nn.log_softmax(logits)[0]
+  smoothed = 0.9 * labels[0] + 0.1 / 3
+  np.testing.assert_allclose(train.cross_entropy(logits, labels, 0.1),
+                             [-(smoothed * log_p).sum()], rtol=1e-6)
+  np.testing.assert_allclose(train.cross_entropy(logits, labels),
+                             [-log_p[1]], rtol=1e-6)
+
+
+def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
+  f32 = train.train_and_evaluate(tiny_config(tfds_data_dir, total_steps=4),
+                                 tmp_path / 'f32')
+  bf16 = train.train_and_evaluate(
+      tiny_config(tfds_data_dir, total_steps=4,
+                  **{'model.dtype': 'bfloat16'}), tmp_path / 'bf16')
+  np.testing.assert_allclose(losses(bf16), losses(f32), rtol=0.02)
+  params = final_params(tiny_config(tfds_data_dir), tmp_path / 'bf16')
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))

@@ -35,8 +35,8 @@ def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def model_overrides(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """config.model as keyword arguments for `models.create_model`."""
-  overrides = dict(model_config)
+  """config.model as keyword arguments for `models.create_model` (None: keep)."""
+  overrides = {k: v for k, v in model_config.items() if v is not None}
   for key in ('dtype', 'param_dtype'):
     if key in overrides:
       if overrides[key] not in _DTYPES:
