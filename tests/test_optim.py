@@ -92,3 +92,25 @@ def test_mesh_errors_name_the_sizes():
     sharding.create_mesh(-1, 3)
   mesh = sharding.create_mesh(-1, 2)
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 2}
+
+
+@pytest.mark.parametrize('module,arg', [
+    ('pretrain', 'cifar10_quick'), ('pretrain', 'cifar10'),
+    ('pretrain', 'imagenet_s16'), ('finetune', 'cifar10,ViT-B_16'),
+    ('finetune', 'imagenet2012,R50+ViT-B_16'),
+])
+def test_shipped_configs_build_model_and_optimizer(module, arg):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from vit_jax import models, train_utils  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  model = models.create_model(config.model_name, 10,
+                              **train_utils.model_overrides(config.model))
+  model.check_input_shape((1, *train_utils.pair(config.image_size), 3))
+  tx = optim.create_optimizer(config, config.total_steps)
+  schedule = optim.create_schedule(config, config.total_steps)
+  assert schedule(config.schedule.warmup_steps) == pytest.approx(
+      config.optimizer.learning_rate, rel=1e-3)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, *train_utils.pair(config.image_size), 3)))
+  jax.eval_shape(tx.init, params['params'])
+  assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
