@@ -222,6 +222,17 @@ class StateCheckpointer:
         f'No readable checkpoint in {self.directory}:\n  '
         + '\n  '.join(failures))
 
+  def read_meta(self, step: int | None = None) -> dict:
+    """The `meta` dict of `step` (default: the newest complete one)."""
+    steps = self.all_steps()
+    step = steps[-1] if step is None and steps else step
+    if step not in steps:
+      raise FileNotFoundError(f'No complete checkpoint {step} in '
+                              f'{self.directory}; complete steps: {steps}.')
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored['meta'])
+
   def wait_until_finished(self) -> None:
     """Blocks until the background save (if any) has committed."""
     self._manager.wait_until_finished()

@@ -52,6 +52,23 @@ def create_setup(config: ml_collections.ConfigDict) -> Setup:
                config.total_steps or info.default_steps)
 
 
+def make_init_fn(model: models.VisionTransformer,
+                 tx: optax.GradientTransformation,
+                 image_size: tuple[int, int]):
+  """(rng, params=None) -> State: the layout every checkpoint has."""
+  dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
+
+  def init(rng: jax.Array, params=None) -> State:
+    params_rng, state_rng = jax.random.split(rng)
+    if params is None:
+      params = model.init({'params': params_rng}, dummy)['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': tx.init(params),
+            'rng': jax.random.key_data(state_rng)}
+
+  return init
+
+
 def create_train_state(setup: Setup, tx: optax.GradientTransformation
                        ) -> tuple[State, Any]:
   """The initial state, created directly with its shardings (no host copy).
@@ -60,17 +77,8 @@ def create_train_state(setup: Setup, tx: optax.GradientTransformation
   adapted to this model (new head, position embedding resized to the grid).
   """
   config, model = setup.config, setup.model
-  dummy = jnp.zeros((1, *setup.image_size, 3), jnp.float32)
-  init_params = lambda rng: model.init({'params': rng}, dummy)['params']
-
-  def init(rng: jax.Array, params=None) -> State:
-    params_rng, state_rng = jax.random.split(rng)
-    if params is None:
-      params = init_params(params_rng)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': tx.init(params),
-            'rng': jax.random.key_data(state_rng)}
-
+  init = make_init_fn(model, tx, setup.image_size)
+  init_params = lambda rng: init(rng)['params']
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(setup.mesh, abstract,
@@ -79,7 +87,7 @@ def create_train_state(setup: Setup, tx: optax.GradientTransformation
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   # Replicated, hence readable on every host, for the head's fresh init.
   fresh = jax.jit(init_params, out_shardings=sharding.replicated(setup.mesh))(
-      jax.random.split(rng)[0])
+      rng)
   params = checkpoint.load_pretrained(
       config.pretrained.path, jax.device_get(fresh), model,
       posemb_method=config.pretrained.posemb_method)
@@ -185,6 +193,16 @@ def evaluate(setup: Setup, eval_step, params) -> dict[str, float]:
           'loss': totals['loss_sum'] / count, 'num_examples': totals['count']}
 
 
+def checkpoint_meta(setup: Setup) -> dict[str, Any]:
+  """What a checkpoint needs beside its arrays to rebuild the model."""
+  return {'config': setup.config.to_json(),
+          'model_name': setup.config.model_name,
+          'num_classes': setup.info.num_classes,
+          'image_size': list(setup.image_size),
+          'total_steps': setup.total_steps,
+          'label_names': setup.info.label_names}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
@@ -260,7 +278,7 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
       writer.write(step, evaluate(setup, eval_step, state['params']), 'eval')
     if save or preempted:
       ckpt.save(step, state, {'data_position': train_iter.position,
-                              'config': config.to_json()}, force=preempted)
+                              **checkpoint_meta(setup)}, force=preempted)
     if preempted:
       ckpt.wait_until_finished()
       raise train_utils.Preempted(step)
