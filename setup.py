@@ -16,6 +16,10 @@ setuptools.setup(
         'ml-collections>=1.0',
         'numpy>=1.26',
         'absl-py',
+        'safetensors>=0.4',  # export format
+        'pillow>=10',  # image decoding in predict / inspect (no TensorFlow)
+        'matplotlib>=3.8',  # inspection figures
+        'tensorboard>=2.16',  # training summaries
         'tensorflow-datasets>=4.9.8',
         # tf.data only (input pipelines): the CPU build never takes GPU memory.
         "tensorflow-cpu>=2.18; platform_system == 'Linux' or platform_system == 'Windows'",
