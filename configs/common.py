@@ -63,7 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.03, momentum=0.9, nesterov=False,
       accumulator_dtype='float32', b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.0, mu_dtype='float32'))
+      weight_decay=0.0, mu_dtype='float32',
+      # Regex over '/'-joined param paths; '^(?!head/)' = linear probe.
+      freeze='',
+      # 'regex:factor,...', e.g. 'Transformer/encoderblock_[0-5]/:0.1'.
+      lr_multipliers=''))
   config.schedule = ml_collections.ConfigDict(dict(
       name='cosine', warmup_steps=500, end_learning_rate=0.0))
   config.on_nonfinite = 'stop'  # or 'skip' (keep the previous state)

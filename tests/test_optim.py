@@ -114,3 +114,50 @@ def test_shipped_configs_build_model_and_optimizer(module, arg):
                           jnp.zeros((1, *train_utils.pair(config.image_size), 3)))
   jax.eval_shape(tx.init, params['params'])
   assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
+
+
+def test_freeze_and_lr_multipliers_group_parameters():
+  params = {'head': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+            'Transformer': {'encoderblock_0': {'w': jnp.ones(2)},
+                            'encoderblock_1': {'w': jnp.ones(2)}},
+            'embedding': {'kernel': jnp.ones(2)}}
+  config = config_with(optimizer__name='sgd', optimizer__momentum=0.0,
+                       optimizer__freeze='^embedding/',
+                       optimizer__lr_multipliers='encoderblock_0/:0.1',
+                       schedule__name='constant', schedule__warmup_steps=0)
+  config.grad_clip_norm = 0.0
+  tx = optim.create_optimizer(config, 10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['head']['kernel'], -0.1)
+  np.testing.assert_allclose(updates['Transformer']['encoderblock_0']['w'],
+                             -0.01, rtol=1e-6)
+  np.testing.assert_allclose(updates['Transformer']['encoderblock_1']['w'],
+                             -0.1)
+  np.testing.assert_array_equal(updates['embedding']['kernel'], 0.0)
+
+
+def test_linear_probe_clips_on_the_head_gradient_only():
+  params = {'head': {'kernel': jnp.ones(2)}, 'body': {'kernel': jnp.ones(2)}}
+  config = config_with(optimizer__name='sgd', optimizer__momentum=0.0,
+                       optimizer__freeze='^(?!head/)',
+                       schedule__name='constant', schedule__warmup_steps=0)
+  config.grad_clip_norm = 1.0
+  tx = optim.create_optimizer(config, 10)
+  grads = {'head': {'kernel': jnp.array([0.3, 0.4])},
+           'body': {'kernel': jnp.array([100.0, 100.0])}}
+  updates, state = tx.update(grads, tx.init(params), params)
+  # Norm 0.5 < 1: the frozen body's huge gradient must not trigger clipping.
+  np.testing.assert_allclose(updates['head']['kernel'], [-0.03, -0.04],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(updates['body']['kernel'], 0.0)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('optimizer__freeze', '(', r"optimizer.freeze='\(' is not a regex"),
+    ('optimizer__lr_multipliers', 'encoder:x',
+     r"item 'encoder:x' is not \"regex:factor\""),
+])
+def test_bad_group_patterns(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    optim.check_config(config_with(**{field: value}))

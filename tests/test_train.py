@@ -205,21 +205,62 @@ def test_bad_config_fails_before_compiling(tfds_data_dir, overrides, match):
     train.create_setup(tiny_config(tfds_data_dir, **overrides))
 
 
-def test_fine_tune_from_npz_at_higher_resolution_and_new_classes(
-    tfds_data_dir, tmp_path):
-  source = tiny_config(tfds_data_dir, total_steps=4)
-  train.train_and_evaluate(source, tmp_path / 'pretrain')
-  npz = tmp_path / 'pretrained.npz'
-  checkpoint.save_npz(npz, final_params(tmp_path / 'pretrain'))
-  config = tiny_config(tfds_data_dir, image_size=48, total_steps=40,
-                       log_every=1, **{'pretrained.path': str(npz),
-                                       'model.classifier': 'token'})
+@pytest.fixture(scope='module')
+def cifar_5_class_folder(tfds_data_dir, tmp_path_factory):
+  """Real CIFAR-10 photos of 5 classes as an image folder (a new task)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('cifar5')
+  examples = tfds.as_numpy(tfds.load('cifar10', split='test[:1000]',
+                                     data_dir=tfds_data_dir, download=False))
+  for i, ex in enumerate(examples):
+    if ex['label'] < 5:
+      split = 'test' if i % 5 == 0 else 'train'
+      folder = root / split / f'class{ex["label"]}'
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(ex['image']).save(folder / f'{i}.png')
+  return root
+
+
+@pytest.fixture(scope='module')
+def pretrained_workdir(tfds_data_dir, tmp_path_factory):
+  """A tiny model pretrained on CIFAR-10 at 32px (a 4x4 patch grid)."""
+  workdir = tmp_path_factory.mktemp('pretrain')
+  train.train_and_evaluate(
+      tiny_config(tfds_data_dir, total_steps=30, log_every=100,
+                  checkpoint_every=30), workdir)
+  return workdir
+
+
+@pytest.mark.parametrize('source', ['npz', 'workdir'])
+def test_fine_tune_at_higher_resolution_and_other_classes(
+    tfds_data_dir, cifar_5_class_folder, pretrained_workdir, tmp_path, source):
+  weights = pretrained_workdir
+  if source == 'npz':
+    weights = tmp_path / 'pretrained.npz'
+    checkpoint.save_npz(weights, final_params(pretrained_workdir))
+  config = tiny_config(
+      tfds_data_dir, dataset=f'imagefolder:{cifar_5_class_folder}',
+      train_split='train', eval_split='test', image_size=48, total_steps=40,
+      log_every=1, **{'pretrained.path': str(weights)})
   result = train.train_and_evaluate(config, tmp_path / 'finetune')
   history = losses(result)
-  assert history[-10:].mean() < history[:5].mean(), history
+  assert history[-10:].mean() < history[:5].mean() - 0.05, history
   params = final_params(tmp_path / 'finetune')
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 6 * 6 + 1, 32)
+  assert params['head']['kernel'].shape == (32, 5)
+  record = json.loads((tmp_path / 'finetune' / 'adaptation.json').read_text())
+  assert record['source_kind'] == source
+  assert record['head']['classes'] == [10, 5]
+  assert record['position_embedding_grid'] == [[4, 4], [6, 6]]
+  assert record['path'] == str(weights)
+
+
+def test_fine_tune_resolution_not_divisible_by_the_patch(tfds_data_dir):
+  with pytest.raises(ValueError, match=r'Image size 50x50 is not divisible '
+                     r'.* 8x8 pixels per token'):
+    train.create_setup(tiny_config(tfds_data_dir, image_size=50))
 
 
 def _free_port() -> int:

@@ -19,11 +19,14 @@ from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import posemb
 from vit_jax import sharding
 from vit_jax import state_checkpoint
+from vit_jax import train_state
 from vit_jax import train_utils
+from vit_jax import workdir as workdir_lib
 
-State = dict[str, Any]  # step, params, opt_state, rng (raw key data)
+State = train_state.State
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class Setup:
   info: input_pipeline.DatasetInfo
   image_size: tuple[int, int]
   total_steps: int
+  adaptation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def create_setup(config: ml_collections.ConfigDict) -> Setup:
@@ -52,48 +56,70 @@ def create_setup(config: ml_collections.ConfigDict) -> Setup:
                config.total_steps or info.default_steps)
 
 
-def make_init_fn(model: models.VisionTransformer,
-                 tx: optax.GradientTransformation,
-                 image_size: tuple[int, int]):
-  """(rng, params=None) -> State: the layout every checkpoint has."""
-  dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
-
-  def init(rng: jax.Array, params=None) -> State:
-    params_rng, state_rng = jax.random.split(rng)
-    if params is None:
-      params = model.init({'params': params_rng}, dummy)['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': tx.init(params),
-            'rng': jax.random.key_data(state_rng)}
-
-  return init
-
-
-def create_train_state(setup: Setup, tx: optax.GradientTransformation
-                       ) -> tuple[State, Any]:
+def create_train_state(setup: Setup, tx: optax.GradientTransformation,
+                       use_pretrained: bool = True) -> tuple[State, Any]:
   """The initial state, created directly with its shardings (no host copy).
 
-  With config.pretrained.path the parameters come from that checkpoint,
-  adapted to this model (new head, position embedding resized to the grid).
+  With config.pretrained.path (and `use_pretrained`: not when resuming) the
+  parameters come from those weights, adapted to this model (new head,
+  position embedding resized to the new grid).
   """
   config, model = setup.config, setup.model
-  init = make_init_fn(model, tx, setup.image_size)
+  init = train_state.make_init_fn(model, tx, setup.image_size)
   init_params = lambda rng: init(rng)['params']
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.state_shardings(setup.mesh, abstract,
                                        config.mesh.fsdp_min_size)
-  if not config.pretrained.path:
+  if not (config.pretrained.path and use_pretrained):
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   # Replicated, hence readable on every host, for the head's fresh init.
   fresh = jax.jit(init_params, out_shardings=sharding.replicated(setup.mesh))(
       rng)
-  params = checkpoint.load_pretrained(
-      config.pretrained.path, jax.device_get(fresh), model,
-      posemb_method=config.pretrained.posemb_method)
-  logging.info('Initialised from %s.', config.pretrained.path)
+  params = pretrained_params(setup, jax.device_get(fresh))
   params = jax.device_put(params, shardings['params'])
   return jax.jit(init, out_shardings=shardings)(rng, params), shardings
+
+
+def pretrained_params(setup: Setup, fresh: dict[str, Any]) -> dict[str, Any]:
+  """config.pretrained's weights adapted to this model; records what changed.
+
+  The record (`adaptation` on the setup, written to the workdir as
+  adaptation.json) says which head, grid and pre-logits were adapted.
+  """
+  config = setup.config
+  source = workdir_lib.load_pretrained_source(config.pretrained.path)
+  stride = setup.model.input_stride
+  new_grid = (setup.image_size[0] // stride[0],
+              setup.image_size[1] // stride[1])
+  params = checkpoint.load_pretrained(
+      source.params, fresh, setup.model, new_grid=new_grid,
+      old_grid=source.grid, posemb_method=config.pretrained.posemb_method)
+  setup.adaptation.update(adaptation_record(source, params, new_grid))
+  setup.adaptation.update(path=config.pretrained.path,
+                          posemb_method=config.pretrained.posemb_method)
+  logging.info('Initialised from %s: %s', config.pretrained.path,
+               setup.adaptation)
+  return params
+
+
+def adaptation_record(source: 'workdir_lib.PretrainedSource',
+                      params: dict[str, Any],
+                      new_grid: tuple[int, int]) -> dict[str, Any]:
+  """What fine-tuning changed between the source weights and the model."""
+  old_posemb = source.params['Transformer']['posembed_input']['pos_embedding']
+  new_posemb = params['Transformer']['posembed_input']['pos_embedding']
+  prefix = new_posemb.shape[1] - new_grid[0] * new_grid[1]
+  old_grid = source.grid or posemb.infer_grid(old_posemb.shape[1] - prefix)
+  head = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
+  return {
+      'source_kind': source.kind,
+      'head': {'classes': [head(source.params), head(params)],
+               're_initialised': True},
+      'position_embedding_grid': [list(old_grid), list(new_grid)],
+      'position_embedding_resized': tuple(old_grid) != tuple(new_grid),
+      'pre_logits': ['pre_logits' in source.params, 'pre_logits' in params],
+  }
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -231,9 +257,13 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
                 ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
   config = setup.config
   tx = optim.create_optimizer(config, setup.total_steps)
-  state, shardings = create_train_state(setup, tx)
+  resuming = ckpt.latest_step() is not None
+  state, shardings = create_train_state(setup, tx, use_pretrained=not resuming)
+  if setup.adaptation and jax.process_index() == 0:
+    (workdir / 'adaptation.json').write_text(
+        json.dumps(setup.adaptation, indent=2))
   data_position = 0
-  if ckpt.latest_step() is not None:
+  if resuming:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         state, shardings)

@@ -14,10 +14,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import state_checkpoint
-from vit_jax import train
+from vit_jax import train_state
 from vit_jax import train_utils
 
 
@@ -46,7 +47,7 @@ def load_workdir(workdir: str | os.PathLike,
                                 **train_utils.model_overrides(config.model))
     image_size = tuple(meta['image_size'])
     tx = optim.create_optimizer(config, meta['total_steps'])
-    init = train.make_init_fn(model, tx, image_size)
+    init = train_state.make_init_fn(model, tx, image_size)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -54,3 +55,26 @@ def load_workdir(workdir: str | os.PathLike,
     state, _ = ckpt.restore(abstract, step=step)
   return TrainedModel(model, state['params'], config, int(state['step']),
                       image_size, meta['label_names'])
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSource:
+  """Weights to fine-tune from, with what is known of their patch grid."""
+  params: dict[str, Any]
+  kind: str  # 'npz' or 'workdir'
+  grid: tuple[int, int] | None  # None: infer (square) from the token count
+
+
+def load_pretrained_source(path: str | os.PathLike) -> PretrainedSource:
+  """An .npz (any published layout, or our export) or a training workdir."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    trained = load_workdir(path)
+    stride = trained.model.input_stride
+    grid = (trained.image_size[0] // stride[0],
+            trained.image_size[1] // stride[1])
+    return PretrainedSource(jax.device_get(trained.params), 'workdir', grid)
+  if not path.exists():
+    raise FileNotFoundError(f'Pretrained weights {path} do not exist (expected '
+                            'an .npz file or a training workdir).')
+  return PretrainedSource(checkpoint.load_npz(path), 'npz', None)
