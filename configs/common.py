@@ -47,9 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   # processes. Cheap for CIFAR-sized data, costly for ImageNet on many hosts.
   config.input_global_order = False
 
-  # Fine-tuning: start from these weights (an .npz in any published layout),
-  # adapting the head and resizing the position embedding ('bilinear' as
-  # Google's fine-tuning, or 'bicubic' as timm).
+  # Fine-tuning: start from these weights (an .npz in any published layout,
+  # or a training workdir), adapting the head and resizing the position
+  # embedding ('bilinear' as Google's fine-tuning, 'bicubic' as timm, or
+  # 'reinit' to learn it afresh).
   config.pretrained = ml_collections.ConfigDict(dict(
       path='', posemb_method='bilinear'))
 

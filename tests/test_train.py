@@ -257,6 +257,32 @@ def test_fine_tune_at_higher_resolution_and_other_classes(
   assert record['path'] == str(weights)
 
 
+def test_fine_tune_with_a_fresh_position_embedding(
+    tfds_data_dir, pretrained_workdir, tmp_path):
+  config = tiny_config(tfds_data_dir, image_size=48, total_steps=1,
+                       **{'pretrained.path': str(pretrained_workdir),
+                          'pretrained.posemb_method': 'reinit'})
+  setup = train.create_setup(config)
+  state, _ = train.create_train_state(
+      setup, train.optim.create_optimizer(config, 1))
+  source = final_params(pretrained_workdir)
+  params = jax.device_get(state['params'])
+  np.testing.assert_array_equal(  # the rest is the pretrained model's
+      params['Transformer']['encoder_norm']['scale'],
+      source['Transformer']['encoder_norm']['scale'])
+  scratch = tiny_config(tfds_data_dir, image_size=48, total_steps=1)
+  scratch_setup = train.create_setup(scratch)
+  fresh, _ = train.create_train_state(
+      scratch_setup, train.optim.create_optimizer(scratch, 1))
+  posemb = lambda p: p['Transformer']['posembed_input']['pos_embedding']
+  assert posemb(params).shape == (1, 37, 32)
+  np.testing.assert_array_equal(posemb(params),
+                                jax.device_get(posemb(fresh['params'])))
+  with pytest.raises(ValueError, match=r"posemb_method='nearest'; allowed"):
+    train.create_setup(tiny_config(
+        tfds_data_dir, **{'pretrained.posemb_method': 'nearest'}))
+
+
 def test_fine_tune_resolution_not_divisible_by_the_patch(tfds_data_dir):
   with pytest.raises(ValueError, match=r'Image size 50x50 is not divisible '
                      r'.* 8x8 pixels per token'):

@@ -27,6 +27,8 @@ from vit_jax import train_utils
 from vit_jax import workdir as workdir_lib
 
 State = train_state.State
+# How a pretrained position embedding meets a new grid.
+POSEMB_METHODS = ('bilinear', 'bicubic', 'reinit')
 
 
 @dataclasses.dataclass
@@ -44,6 +46,10 @@ class Setup:
 def create_setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds the pieces; raises ValueError on bad input."""
   optim.check_config(config)
+  if config.pretrained.posemb_method not in POSEMB_METHODS:
+    raise ValueError(f'pretrained.posemb_method='
+                     f'{config.pretrained.posemb_method!r}; allowed: '
+                     f'{", ".join(POSEMB_METHODS)}.')
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None)
   image_size = train_utils.pair(config.image_size or info.default_resolution)
@@ -92,10 +98,15 @@ def pretrained_params(setup: Setup, fresh: dict[str, Any]) -> dict[str, Any]:
   stride = setup.model.input_stride
   new_grid = (setup.image_size[0] // stride[0],
               setup.image_size[1] // stride[1])
+  method = config.pretrained.posemb_method
   params = checkpoint.load_pretrained(
       source.params, fresh, setup.model, new_grid=new_grid,
-      old_grid=source.grid, posemb_method=config.pretrained.posemb_method)
+      old_grid=source.grid,
+      posemb_method='bilinear' if method == 'reinit' else method)
   setup.adaptation.update(adaptation_record(source, params, new_grid))
+  if method == 'reinit':  # the ablation: learn positions from scratch
+    params['Transformer']['posembed_input'] = fresh['Transformer'][
+        'posembed_input']
   setup.adaptation.update(path=config.pretrained.path,
                           posemb_method=config.pretrained.posemb_method)
   logging.info('Initialised from %s: %s', config.pretrained.path,
