@@ -16,6 +16,7 @@ import pytest
 from vit_jax import checkpoint
 from vit_jax import export
 from vit_jax import images
+from vit_jax import model_sources
 from vit_jax import models
 from vit_jax import predict
 
@@ -148,7 +149,7 @@ def test_predict_npz_on_real_photos_prints_label_names_and_reports_bad_files(
 
 def test_predict_export_runs_stablehlo_without_model_code(
     imagenet_npz, imagenet_samples, photo_folder, tmp_path):
-  export.export(export.from_npz(
+  export.export(model_sources.from_npz(
       imagenet_npz, 'ViT-Ti_16', resize='resize_crop',
       labels=imagenet_samples / 'tfds_imagenet2012_labels.txt'),
       tmp_path / 'export', 'tiny', platforms=('cpu',))

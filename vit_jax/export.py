@@ -25,10 +25,9 @@ name and step, or the npz's stem):
 the stored arrays); computation stays float32, with the rounded weights.
 For an npz, the architecture comes from --model_name with widths, depth,
 heads, patch size and classes read from the array shapes, the resolution from
-the position embedding unless --image_size is given. TensorFlow is imported
-only to read a workdir (through the trainer's checkpoint layout).
+the position embedding unless --image_size is given (`vit_jax.model_sources`
+loads either source). TensorFlow is never imported, not even for a workdir.
 """
-import dataclasses
 import datetime
 import json
 import os
@@ -48,161 +47,17 @@ import safetensors.numpy
 
 from vit_jax import checkpoint
 from vit_jax import images
-from vit_jax import model_registry
+from vit_jax import model_sources
 from vit_jax import models
 from vit_jax import npz_layout
-from vit_jax import posemb
 from vit_jax import serving
 
 FORMATS = ('npz', 'safetensors', 'stablehlo')
-# Overrides for the exported/served model: params come unrolled, and remat,
-# scan and cuDNN attention only matter for training or on one platform.
-INFERENCE_OPTIONS = dict(scan_layers=False, remat_policy='none',
-                         attention_impl='xla')
-_DTYPE_FIELDS = ('dtype', 'param_dtype')
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+-]*$')
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """A model to export or run: architecture, flat params and eval protocol."""
-  model: models.VisionTransformer  # with INFERENCE_OPTIONS
-  model_name: str
-  params: dict[str, np.ndarray]  # flat, Google's original names (the files')
-  image_size: tuple[int, int]
-  label_names: list[str] | None
-  resize: str  # eval preprocessing: images.RESIZE_MODES
-  step: int | None
-  origin: dict[str, Any]  # what the card records as its source
-
-
-def _flat_original(params: Any) -> dict[str, np.ndarray]:
-  """Any params tree (linen, scanned or not) -> flat original numpy arrays."""
-  flat = npz_layout.flatten(jax.device_get(params))
-  flat = npz_layout.to_original_layout(npz_layout.to_linen_layout(flat))
-  return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def from_workdir(workdir: str | os.PathLike, step: int | None = None
-                 ) -> Source:
-  """The model of a training workdir (newest checkpoint, or `step`)."""
-  # Imported here: reading a workdir goes through the trainer, hence TF.
-  from vit_jax import workdir as vit_workdir  # pylint: disable=g-import-not-at-top
-  trained = vit_workdir.load_workdir(workdir, step)
-  return Source(
-      model=trained.model.clone(**INFERENCE_OPTIONS),
-      model_name=trained.config.model_name,
-      params=_flat_original(trained.params), image_size=trained.image_size,
-      label_names=trained.label_names,
-      resize=trained.config.get('eval_resize', 'resize'), step=trained.step,
-      origin={'kind': 'workdir', 'path': os.path.abspath(workdir),
-              'checkpoint': os.path.join(os.path.abspath(workdir),
-                                         'checkpoints', str(trained.step))})
-
-
-def _infer_options(flat: dict[str, np.ndarray], model_name: str
-                   ) -> dict[str, Any]:
-  """Architecture fields that the (linen-named) arrays' shapes give."""
-  def shape(suffix):
-    return next((v.shape for k, v in flat.items() if k.endswith(suffix)), None)
-  blocks = {k.split('/')[1] for k in flat
-            if k.startswith('Transformer/encoderblock_')}
-  options = {'num_layers': len(blocks), 'num_heads': shape('query/kernel')[1],
-             'mlp_dim': shape('MlpBlock_0/Dense_0/kernel')[-1],
-             'patch_size': tuple(flat['embedding/kernel'].shape[:2]),
-             'hidden_size': flat['embedding/kernel'].shape[-1],
-             'representation_size': (shape('pre_logits/kernel') or [None])[-1]}
-  if 'cls' not in flat and model_registry.get_model_config(model_name).get(
-      'classifier', 'token') == 'token':
-    options['classifier'] = 'gap'
-  return options
-
-
-def _check_shapes(model: models.VisionTransformer, flat: dict[str, Any],
-                  image_size: tuple[int, int], source: str, what: str) -> None:
-  """One ValueError listing every param the model lacks, wants or reshapes."""
-  init = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, *image_size, 3))))['params']
-  want = {k: v.shape for k, v in npz_layout.flatten(init).items()}
-  have = {k: np.shape(v) for k, v in flat.items()}
-  problems = [f'{k}: file {have.get(k, "-")}, model {want.get(k, "-")}'
-              for k in sorted(set(want) | set(have))
-              if want.get(k) != have.get(k)]
-  if problems:
-    more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
-    raise ValueError(f'{source} does not fit {what}, {len(problems)} params '
-                     'differ:\n  ' + '\n  '.join(problems[:20]) + more)
-
-
-def from_npz(path: str | os.PathLike, model_name: str, *,
-             num_classes: int | None = None,
-             image_size: tuple[int, int] | None = None,
-             labels: str | os.PathLike | None = None,
-             resize: str = 'resize') -> Source:
-  """An `.npz` (any layout `load_npz` reads) as the named architecture."""
-  if resize not in images.RESIZE_MODES:
-    raise ValueError(f'eval_resize={resize!r}; allowed: '
-                     f'{", ".join(images.RESIZE_MODES)}.')
-  flat = npz_layout.flatten(checkpoint.load_npz(path))
-  flat = npz_layout.unstack_blocks(flat)  # The inference model is unrolled.
-  found = flat['head/kernel'].shape[-1] if 'head/kernel' in flat else 0
-  if num_classes is not None and num_classes != found:
-    raise ValueError(f'--num_classes={num_classes} but the head of {path} '
-                     f'has {found} classes.')
-  model = models.create_model(model_name, found,
-                              **_infer_options(flat, model_name),
-                              **INFERENCE_OPTIONS)
-  if image_size is None:
-    tokens = flat[npz_layout.POSEMB].shape[1] - int('cls' in flat)
-    grid = posemb.infer_grid(tokens, f'position embedding of {path}')
-    image_size = (grid[0] * model.input_stride[0],
-                  grid[1] * model.input_stride[1])
-  model.check_input_shape((1, *image_size, 3))
-  _check_shapes(model, flat, image_size, os.fspath(path),
-                f'{model_name} at {image_size[0]}x{image_size[1]}')
-  return Source(
-      model=model, model_name=model_name, params=_flat_original(flat),
-      image_size=tuple(image_size),
-      label_names=serving.read_labels(labels, found) if labels else None,
-      resize=resize, step=None,
-      origin={'kind': 'npz', 'path': os.path.abspath(path)})
-
-
-def model_options(model: models.VisionTransformer) -> dict[str, Any]:
-  """The model's fields as JSON values (dtypes by name, tuples as lists)."""
-  options = {}
-  for field in dataclasses.fields(model):
-    if field.name in ('parent', 'name', 'num_classes'):
-      continue
-    value = getattr(model, field.name)
-    if field.name in _DTYPE_FIELDS:
-      value = np.dtype(value).name
-    options[field.name] = list(value) if isinstance(value, tuple) else value
-  return options
-
-
-def model_from_card(card: dict[str, Any]) -> models.VisionTransformer:
-  """Rebuilds the card's model (inverse of `model_options`)."""
-  options = {k: (jnp.dtype(v) if k in _DTYPE_FIELDS else
-                 tuple(v) if isinstance(v, list) else v)
-             for k, v in card['model']['options'].items()}
-  return models.create_model(card['model']['name'], card['num_classes'],
-                             **options)
-
-
-def logits_fn(model: models.VisionTransformer
-              ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
-  """(flat original params, float32 pixels in [0, 255]) -> logits.
-
-  The function that is exported, and that predict runs with model code.
-  """
-  def fn(flat_params, pixels):
-    # Cast up first: bfloat16 weights then compute like float32 ones rounded.
-    flat = {k: v.astype(model.param_dtype) for k, v in flat_params.items()}
-    params = npz_layout.unflatten(npz_layout.to_linen_layout(flat))
-    x = pixels.astype(jnp.float32) / 127.5 - 1.0  # preprocess.to_unit_range
-    return model.apply({'params': params}, x, train=False)
-  return fn
+# Loading lives in model_sources; these two stay reachable as export.* for
+# the callers that name them so (vit_jax.inspect, tests/test_inspection.py).
+from_npz = model_sources.from_npz
+source_from_card = model_sources.source_from_card
 
 
 def _write_atomic(path: pathlib.Path, write: Callable[[str], None]) -> None:
@@ -223,7 +78,8 @@ def _export_stablehlo(model: models.VisionTransformer,
                       platforms: tuple[str, ...]) -> tuple[bytes, dict]:
   """Serialized logits_fn (symbolic batch) and its description for the card."""
   batch, = jax.export.symbolic_shape('batch')
-  exported = jax.export.export(jax.jit(logits_fn(model)), platforms=platforms)(
+  exported = jax.export.export(jax.jit(model_sources.logits_fn(model)),
+                               platforms=platforms)(
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
       jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32))
   h, w = image_size
@@ -244,14 +100,15 @@ def _dumps(value: Any, indent: str = '') -> str:
   return json.dumps(value)
 
 
-def make_card(source: Source, name: str, flat: dict[str, np.ndarray],
-              files: dict[str, str], stablehlo: dict | None) -> dict[str, Any]:
+def make_card(source: model_sources.Source, name: str,
+              flat: dict[str, np.ndarray], files: dict[str, str],
+              stablehlo: dict | None) -> dict[str, Any]:
   """The JSON card of an export of `source` with params `flat`."""
   crop = images.CROP_FRACTION if source.resize == 'resize_crop' else None
   return {
       'format': serving.CARD_FORMAT, 'name': name,
       'model': {'name': source.model_name,
-                'options': model_options(source.model)},
+                'options': model_sources.model_options(source.model)},
       'num_classes': source.model.num_classes,
       'label_names': source.label_names,
       'image_size': list(source.image_size),
@@ -273,7 +130,8 @@ def make_card(source: Source, name: str, flat: dict[str, np.ndarray],
   }
 
 
-def export(source: Source, output_dir: str | os.PathLike, name: str, *,
+def export(source: model_sources.Source, output_dir: str | os.PathLike,
+           name: str, *,
            formats: tuple[str, ...] = FORMATS, bfloat16: bool = False,
            platforms: tuple[str, ...] = ('cpu', 'cuda')) -> pathlib.Path:
   """Writes `<output_dir>/<name>.*` (module docstring); returns the card."""
@@ -310,26 +168,10 @@ def export(source: Source, output_dir: str | os.PathLike, name: str, *,
   return card_path
 
 
-def source_from_card(path: str | os.PathLike) -> Source:
-  """An export back as a Source (model code), from safetensors or npz."""
-  card_path, card = serving.read_card(path)
-  if card['files'].get('safetensors'):
-    flat = serving.read_safetensors(card_path, card)
-  else:
-    npz = serving.export_file(card_path, card, 'npz')
-    flat = _flat_original(checkpoint.load_npz(npz))
-    flat = {k: np.asarray(v, card['params']['dtype']) for k, v in flat.items()}
-    serving.verify_checksum(flat, card, npz)
-  return Source(model=model_from_card(card), model_name=card['model']['name'],
-                params=flat, image_size=tuple(card['image_size']),
-                label_names=card['label_names'],
-                resize=card['preprocessing']['resize'], step=card['step'],
-                origin={'kind': 'export', 'path': str(card_path)})
-
-
 def _define_flags() -> None:
-  # Only when run as a program: predict imports this module's functions, and
-  # absl flags are global to a process (predict has flags of the same names).
+  # Only when run as a program: other programs import this module (as
+  # vit_jax.inspect does), and absl flags are global to a process (theirs
+  # have the same names).
   d = flags
   d.DEFINE_string('workdir', None, 'Training workdir to export.')
   d.DEFINE_integer('step', None, 'Workdir checkpoint step (default: newest).')
@@ -362,12 +204,13 @@ def main(argv: list[str]) -> None:
                          'an npz holds no architecture.', 2)
   try:
     if f.workdir:
-      source = from_workdir(f.workdir, f.step)
+      source = model_sources.from_workdir(f.workdir, f.step)
       name = f'{pathlib.Path(f.workdir).resolve().name}_step{source.step}'
     else:
-      source = from_npz(f.npz, f.model_name, num_classes=f.num_classes,
-                        image_size=(f.image_size,) * 2 if f.image_size else None,
-                        labels=f.labels, resize=f.eval_resize)
+      source = model_sources.from_npz(
+          f.npz, f.model_name, num_classes=f.num_classes,
+          image_size=(f.image_size,) * 2 if f.image_size else None,
+          labels=f.labels, resize=f.eval_resize)
       name = pathlib.Path(f.npz).stem
     card_path = export(source, f.output, f.name or name,
                        formats=tuple(f.formats), bfloat16=f.bfloat16,

@@ -73,9 +73,15 @@ def _numbered(num_classes: int) -> list[str]:
 
 
 def _from_source(source) -> Classifier:
+  """A `model_sources.Source` run with model code.
+
+  model_sources is imported only on the paths that need it, here and in
+  `load_classifier`: it brings Flax and the model code, which a StableHLO
+  export runs without.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax import export  # pylint: disable=g-import-not-at-top
-  fn = jax.jit(export.logits_fn(source.model))
+  from vit_jax import model_sources  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(model_sources.logits_fn(source.model))
   params = jax.device_put(source.params)
   n = source.model.num_classes
   return Classifier(lambda x: np.asarray(fn(params, x)), source.image_size,
@@ -103,18 +109,18 @@ def load_classifier(model: str, *, model_name: str | None = None,
           served.label_names or _numbered(served.num_classes),
           f'StableHLO export {card_path}')
     else:
-      from vit_jax import export  # pylint: disable=g-import-not-at-top
-      classifier = _from_source(export.source_from_card(card_path))
+      from vit_jax import model_sources  # pylint: disable=g-import-not-at-top
+      classifier = _from_source(model_sources.source_from_card(card_path))
   elif path.is_dir() and (path / 'checkpoints').is_dir():
-    from vit_jax import export  # pylint: disable=g-import-not-at-top
-    classifier = _from_source(export.from_workdir(path, step))
+    from vit_jax import model_sources  # pylint: disable=g-import-not-at-top
+    classifier = _from_source(model_sources.from_workdir(path, step))
   elif path.suffix == '.npz':
     if not model_name:
       raise ValueError(f'--model={model} is an .npz, which holds no '
                        'architecture: add --model_name (e.g. ViT-B_16).')
-    from vit_jax import export  # pylint: disable=g-import-not-at-top
+    from vit_jax import model_sources  # pylint: disable=g-import-not-at-top
     size = (image_size, image_size) if image_size else None
-    classifier = _from_source(export.from_npz(
+    classifier = _from_source(model_sources.from_npz(
         path, model_name, num_classes=num_classes, image_size=size,
         labels=labels, resize=resize))
   else:
