@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The pictures of experiments/README.md, "Inspecting a trained ViT".
+#
+# Run from the repository root:
+#   experiments/inspect_cifar10.sh
+# The model defaults to the configs/pretrain.py:cifar10 run (3000 steps),
+# converted to /tmp/vit_cifar10_export/params.npz; its architecture
+# (ViT-Ti_16 with patch 4, width 192, depth 6, 3 heads, MLP 384, class token)
+# is read from the arrays. Another model: set MODEL, e.g.
+#   MODEL="--workdir=/tmp/vit_inspect_dev" experiments/inspect_cifar10.sh
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-experiments/inspect}
+MODEL=${MODEL:---npz=/tmp/vit_cifar10_export/params.npz --model_name=ViT-Ti_16 --image_size=32}
+LABELS=airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# 512 CIFAR-10 test images as PNG files (the CLI reads image files).
+python - "$DATA/tensorflow_datasets" "$TMP/cifar10_test" <<'PY'
+import os, sys
+import tensorflow_datasets as tfds
+from PIL import Image
+data_dir, out = sys.argv[1:]
+os.makedirs(out)
+names = tfds.builder('cifar10', data_dir=data_dir).info.features['label'].names
+for i, ex in enumerate(tfds.as_numpy(tfds.load(
+    'cifar10', split='test[:512]', data_dir=data_dir, download=False))):
+  Image.fromarray(ex['image']).save(f'{out}/{i:04d}_{names[ex["label"]]}.png')
+PY
+
+# In distribution: CIFAR-10 test images (maps, distances over all 512).
+python -m vit_jax.inspect $MODEL --label_names=$LABELS --per_layer \
+    --images="$TMP/cifar10_test" --max_images=512 --num_show=8 \
+    --out="$TMP/cifar10"
+# Real photos of all 1000 ImageNet classes, seen at the model's 32x32.
+python -m vit_jax.inspect $MODEL --label_names=$LABELS --per_layer \
+    --images="$DATA/imagenet_samples" --max_images=1000 --num_show=8 \
+    --out="$TMP/imagenet"
+
+mkdir -p "$OUT"
+for f in posemb_similarity embedding_filters attention_rollout \
+         attention_per_layer attention_distance; do
+  cp "$TMP/cifar10/$f.png" "$OUT/cifar10_$f.png"
+done
+for f in attention_rollout attention_per_layer attention_distance; do
+  cp "$TMP/imagenet/$f.png" "$OUT/imagenet_$f.png"
+done
+du -ch "$OUT"/*.png | tail -1
