@@ -18,6 +18,8 @@ from vit_jax import export
 from vit_jax import images
 from vit_jax import model_sources
 from vit_jax import models
+from vit_jax import npz_layout
+from vit_jax import posemb
 from vit_jax import serving
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -229,6 +231,38 @@ def test_npz_of_another_architecture_is_refused_naming_the_file(tiny_npz):
   with pytest.raises(ValueError, match=r'--num_classes=10 but the head of '
                      r'.*tiny\.npz has 1000'):
     model_sources.from_npz(path, 'ViT-Ti_16', num_classes=10)
+
+
+def test_npz_source_at_another_resolution_and_with_overrides(tiny_npz):
+  path, _, params = tiny_npz
+  pe = params['Transformer']['posembed_input']['pos_embedding']  # 1 + 4x4
+  with pytest.raises(ValueError, match='params differ'):
+    model_sources.from_npz(path, 'ViT-Ti_16', image_size=(48, 80))
+  source = model_sources.from_npz(path, 'ViT-Ti_16', image_size=(48, 80),
+                                  resize_posemb=True)
+  assert source.image_size == (48, 80)
+  np.testing.assert_array_equal(source.params[npz_layout.POSEMB],
+                                posemb.interpolate_posemb(
+                                    pe, (3, 5), num_prefix_tokens=1))
+  logits = model_sources.logits_fn(source.model)(
+      source.params, np.zeros((1, 48, 80, 3), np.float32))
+  assert logits.shape == (1, 1000)
+  # A grid of as many patches as stored is taken as the stored one.
+  same = model_sources.from_npz(path, 'ViT-Ti_16', image_size=(32, 128),
+                                resize_posemb=True)
+  np.testing.assert_array_equal(same.params[npz_layout.POSEMB], pe)
+
+  assert model_sources.parse_overrides(
+      ['num_heads=4', 'classifier=gap', 'patch_size=(8, 8)']) == {
+          'num_heads': 4, 'classifier': 'gap', 'patch_size': (8, 8)}
+  with pytest.raises(ValueError, match="'num_heads' is not key=value"):
+    model_sources.parse_overrides(['num_heads'])
+  # Overrides win over the arrays (here wrongly), not over INFERENCE_OPTIONS.
+  with pytest.raises(ValueError, match=r'query/kernel: file \(32, 2, 16\), '
+                     r'model \(32, 4, 8\)'):
+    model_sources.from_npz(path, 'ViT-Ti_16', overrides={'num_heads': 4})
+  assert not model_sources.from_npz(
+      path, 'ViT-Ti_16', overrides={'scan_layers': True}).model.scan_layers
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:

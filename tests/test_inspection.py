@@ -14,6 +14,7 @@ import pytest
 from configs import pretrain
 from vit_jax import checkpoint
 from vit_jax import inspection
+from vit_jax import model_sources
 from vit_jax import models
 from vit_jax import train
 
@@ -280,8 +281,8 @@ def test_cli_from_an_export(photos, tmp_path):
   checkpoint.save_npz(tmp_path / 'tiny.npz', params)
   labels = tmp_path / 'labels.txt'
   labels.write_text(''.join(f'thing{i}\n' for i in range(10)))
-  export.export(export.from_npz(tmp_path / 'tiny.npz', 'ViT-Ti_16',
-                                labels=labels),
+  export.export(model_sources.from_npz(tmp_path / 'tiny.npz', 'ViT-Ti_16',
+                                       labels=labels),
                 tmp_path / 'export', 'tiny', formats=('npz',))
   out = tmp_path / 'out'
   run_cli(f'--export={tmp_path / "export"}', f'--images={photos}',

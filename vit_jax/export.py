@@ -49,15 +49,10 @@ from vit_jax import checkpoint
 from vit_jax import images
 from vit_jax import model_sources
 from vit_jax import models
-from vit_jax import npz_layout
 from vit_jax import serving
 
 FORMATS = ('npz', 'safetensors', 'stablehlo')
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+-]*$')
-# Loading lives in model_sources; these two stay reachable as export.* for
-# the callers that name them so (vit_jax.inspect, tests/test_inspection.py).
-from_npz = model_sources.from_npz
-source_from_card = model_sources.source_from_card
 
 
 def _write_atomic(path: pathlib.Path, write: Callable[[str], None]) -> None:
@@ -150,8 +145,8 @@ def export(source: model_sources.Source, output_dir: str | os.PathLike,
   flat = {k: np.ascontiguousarray(v, dtype) for k, v in source.params.items()}
   files = {kind: f'{name}.{kind}' for kind in FORMATS if kind in formats}
   if 'npz' in files:
-    checkpoint.save_npz(out / files['npz'], npz_layout.unflatten(
-        npz_layout.to_linen_layout(flat)), bfloat16=bfloat16)
+    checkpoint.save_npz(out / files['npz'], model_sources.linen_params(flat),
+                        bfloat16=bfloat16)
   if 'safetensors' in files:
     _write_atomic(out / files['safetensors'], lambda tmp: (
         safetensors.numpy.save_file(flat, tmp, {'card': f'{name}.card.json'})))
@@ -169,9 +164,8 @@ def export(source: model_sources.Source, output_dir: str | os.PathLike,
 
 
 def _define_flags() -> None:
-  # Only when run as a program: other programs import this module (as
-  # vit_jax.inspect does), and absl flags are global to a process (theirs
-  # have the same names).
+  # Only when run as a program: other code imports this module, and absl
+  # flags are global to a process (other programs' have the same names).
   d = flags
   d.DEFINE_string('workdir', None, 'Training workdir to export.')
   d.DEFINE_integer('step', None, 'Workdir checkpoint step (default: newest).')

@@ -11,11 +11,11 @@ Writes into --out attention_rollout.png (Figure 6), attention_per_layer.png
 (Figure 7 left; not for hybrids, whose embedding sees ResNet features),
 attention_distance.png (Figure 7 right) and arrays.npz behind them all.
 With --npz, what the arrays fix (width, depth, heads, MLP, patch size, class
-token, pre-logits, classes, scanned layout) is read from them, --model_name
-gives the rest (a hybrid's stem) and --model_overrides wins over both.
+token, pre-logits, classes) is read from them, scanned or not, --model_name
+gives the rest (a hybrid's stem) and --model_overrides wins over both: all
+three sources load through `vit_jax.model_sources`.
 Photos: Pillow, RGB, resized to the model's resolution, scaled to [-1, 1].
 """
-import ast
 from collections.abc import Iterator
 import io
 import math
@@ -31,12 +31,9 @@ from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vit_jax import checkpoint  # noqa: E402
 from vit_jax import inspection as ins  # noqa: E402
+from vit_jax import model_sources  # noqa: E402
 from vit_jax import models  # noqa: E402
-from vit_jax import npz_layout  # noqa: E402
-from vit_jax import posemb  # noqa: E402
-from vit_jax import workdir  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to load.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default newest).')
@@ -46,8 +43,8 @@ _NPZ = flags.DEFINE_string('npz', None, 'Params .npz, or a directory holding '
                            'params.npz (instead of --workdir).')
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'With --npz: registry '
                                   'name, e.g. ViT-B_16.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'With --npz: classes '
-                                    '(default: from the head).')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'With --npz: expected '
+                                    'classes (checked against the head).')
 _OVERRIDES = flags.DEFINE_list('model_overrides', [], 'With --npz: model '
                                'fields as key=value, e.g. num_heads=3.')
 _IMAGE_SIZE = flags.DEFINE_list('image_size', None, 'H or H,W (default: the '
@@ -67,77 +64,33 @@ Arrays = dict[str, np.ndarray]  # the output of inspection.inspect_model
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
-def _arch_from_params(params) -> dict:
-  """Model fields fixed by the arrays' shapes (see the module docstring)."""
-  encoder = params['Transformer']
-  scanned = 'encoderblock' in encoder
-  block = encoder['encoderblock' if scanned else 'encoderblock_0']
-  kernel = params['embedding']['kernel']  # (p, p, channels, width)
-  pre = params.get('pre_logits')
-  return dict(
-      patch_size=tuple(kernel.shape[:2]), hidden_size=kernel.shape[-1],
-      num_layers=(block['LayerNorm_0']['scale'].shape[0] if scanned else
-                  sum(k.startswith('encoderblock_') for k in encoder)),
-      num_heads=block['MultiHeadDotProductAttention_0']['query'][
-          'kernel'].shape[-2],  # (..., width, heads, head_dim)
-      mlp_dim=block['MlpBlock_0']['Dense_0']['kernel'].shape[-1],
-      scan_layers=scanned, classifier='token' if 'cls' in params else 'gap',
-      representation_size=pre['kernel'].shape[-1] if pre else None)
-
-
 def load_model(image_size: tuple[int, int] | None) -> tuple[
     models.VisionTransformer, dict, tuple[int, int], list[str] | None]:
-  """(model, params, image_size, label_names) from the flags."""
+  """(model, params, image_size, label_names) from the flags.
+
+  Another --image_size than the source's resizes the position embedding as
+  fine-tuning would (`model_sources.at_image_size`).
+  """
   if sum(map(bool, (_WORKDIR.value, _EXPORT.value, _NPZ.value))) != 1:
     raise app.UsageError('Pass exactly one of --workdir, --export or --npz.')
   if _WORKDIR.value:
-    trained = workdir.load_workdir(_WORKDIR.value, _STEP.value)
-    model, params = trained.model, trained.params
-    old_size, labels = trained.image_size, trained.label_names
+    source = model_sources.from_workdir(_WORKDIR.value, _STEP.value)
   elif _EXPORT.value:
-    from vit_jax import export  # only here: it pulls in serving code
-    source = export.source_from_card(_EXPORT.value)
-    model, old_size = source.model, source.image_size
-    labels = source.label_names
-    params = npz_layout.unflatten(npz_layout.to_linen_layout(source.params))
+    source = model_sources.source_from_card(_EXPORT.value)
   else:
     if not _MODEL_NAME.value:
       raise app.UsageError('--npz needs --model_name (e.g. ViT-B_16).')
-    path = pathlib.Path(_NPZ.value)
-    params = checkpoint.load_npz(path / 'params.npz' if path.is_dir() else path)
-    fields = _arch_from_params(params)
-    for item in _OVERRIDES.value:
-      key, eq, value = item.partition('=')
-      if not eq:
-        raise app.UsageError(f'--model_overrides: {item!r} is not key=value.')
-      try:
-        fields[key] = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        fields[key] = value  # a bare string, e.g. classifier=gap
-    classes = _NUM_CLASSES.value
-    if classes is None:
-      classes = params['head']['kernel'].shape[-1] if 'head' in params else 0
-    model = models.create_model(_MODEL_NAME.value, classes, **fields)
-    old_size, labels = None, None
-  prefix = ins.num_prefix_tokens(model)
-  pe = params['Transformer']['posembed_input']['pos_embedding']
-  stride = model.input_stride
-  cells = lambda size: (size[0] // stride[0], size[1] // stride[1])
-  if old_size is not None:
-    old_grid = cells(old_size)
-  elif image_size and math.prod(cells(image_size)) == pe.shape[1] - prefix:
-    old_grid = cells(image_size)
-  else:  # npz at another size: the stored grid must be square to be known
-    old_grid = posemb.infer_grid(pe.shape[1] - prefix)
-  image_size = image_size or (old_grid[0] * stride[0], old_grid[1] * stride[1])
-  grid = ins.token_grid(model, image_size)  # ValueError if not divisible
-  if grid != old_grid:  # another resolution: resize as fine-tuning would
-    logging.info('Position embedding resized from %s to %s.', old_grid, grid)
-    encoder = dict(params['Transformer'])
-    encoder['posembed_input'] = {'pos_embedding': posemb.interpolate_posemb(
-        pe, grid, num_prefix_tokens=prefix, old_grid=old_grid)}
-    params = {**params, 'Transformer': encoder}
-  return model, params, tuple(image_size), _LABELS.value or labels
+    try:
+      overrides = model_sources.parse_overrides(_OVERRIDES.value)
+    except ValueError as e:
+      raise app.UsageError(f'--model_overrides: {e}') from e
+    source = model_sources.from_npz(
+        _NPZ.value, _MODEL_NAME.value, num_classes=_NUM_CLASSES.value,
+        image_size=image_size, overrides=overrides, resize_posemb=True)
+  if image_size:
+    source = model_sources.at_image_size(source, image_size)
+  return (source.model, model_sources.linen_params(source.params),
+          source.image_size, _LABELS.value or source.label_names)
 
 
 def find_images(paths: list[str], limit: int) -> list[pathlib.Path]:

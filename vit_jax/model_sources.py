@@ -7,15 +7,22 @@ was loaded from. `vit_jax.export` writes a Source to files; `vit_jax.predict`
 runs one through `logits_fn`, the function that export also serializes.
 
 An .npz holds no architecture: `from_npz` takes the model name (ViT-B_16,
-...) and reads widths, depth, heads, patch size and classes from the array
-shapes, the resolution from the position embedding unless it is given.
+...) and reads widths, depth, heads, patch size, class token, pre-logits and
+classes from the array shapes (overrides win over them), the resolution from
+the position embedding unless it is given. `at_image_size` moves any Source
+to another resolution, resizing the position embedding as fine-tuning does.
 Nothing here imports TensorFlow, a workdir included (`vit_jax.workdir`
 restores its checkpoints without the trainer).
 """
+import ast
+from collections.abc import Mapping, Sequence
 import dataclasses
+import math
 import os
+import pathlib
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +60,17 @@ def _flat_original(params: Any) -> dict[str, np.ndarray]:
   flat = npz_layout.flatten(jax.device_get(params))
   flat = npz_layout.to_original_layout(npz_layout.to_linen_layout(flat))
   return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def linen_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Flat original params (a Source's) -> our model's linen tree."""
+  return npz_layout.unflatten(npz_layout.to_linen_layout(flat))
+
+
+def _token_grid(model: models.VisionTransformer, image_size: Sequence[int]
+                ) -> tuple[int, int]:
+  return (image_size[0] // model.input_stride[0],
+          image_size[1] // model.input_stride[1])
 
 
 def from_workdir(workdir: str | os.PathLike, step: int | None = None
@@ -107,38 +125,98 @@ def _check_shapes(model: models.VisionTransformer, flat: dict[str, Any],
                      'differ:\n  ' + '\n  '.join(problems[:20]) + more)
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """['num_heads=3', 'classifier=gap', ...] -> model fields for `from_npz`.
+
+  Values are Python literals (3, (16, 16), None), else bare strings.
+  """
+  overrides = {}
+  for item in items:
+    key, eq, value = item.partition('=')
+    if not eq:
+      raise ValueError(f'{item!r} is not key=value.')
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value  # a bare string, e.g. classifier=gap
+  return overrides
+
+
 def from_npz(path: str | os.PathLike, model_name: str, *,
              num_classes: int | None = None,
              image_size: tuple[int, int] | None = None,
              labels: str | os.PathLike | None = None,
-             resize: str = 'resize') -> Source:
-  """An `.npz` (any layout `load_npz` reads) as the named architecture."""
+             resize: str = 'resize',
+             overrides: Mapping[str, Any] | None = None,
+             resize_posemb: bool = False) -> Source:
+  """An `.npz` (any layout `load_npz` reads) as the named architecture.
+
+  Args:
+    path: the .npz, or a directory holding `params.npz`.
+    model_name: registry name; it gives what the arrays do not (a hybrid's
+      stem, dtypes).
+    num_classes: expected classes; ValueError unless the head has as many.
+    image_size: the resolution; None: the square grid of the position
+      embedding.
+    labels: label names file (`serving.read_labels`).
+    resize: eval preprocessing, one of images.RESIZE_MODES.
+    overrides: model fields that win over those the arrays give (not over
+      INFERENCE_OPTIONS).
+    resize_posemb: whether an `image_size` whose patch count differs from the
+      position embedding's takes it resized (`at_image_size`) from its square
+      grid; else such an `image_size` is a ValueError.
+  """
   if resize not in images.RESIZE_MODES:
     raise ValueError(f'eval_resize={resize!r}; allowed: '
                      f'{", ".join(images.RESIZE_MODES)}.')
+  if pathlib.Path(path).is_dir():
+    path = pathlib.Path(path) / 'params.npz'
   flat = npz_layout.flatten(checkpoint.load_npz(path))
   flat = npz_layout.unstack_blocks(flat)  # The inference model is unrolled.
   found = flat['head/kernel'].shape[-1] if 'head/kernel' in flat else 0
   if num_classes is not None and num_classes != found:
     raise ValueError(f'--num_classes={num_classes} but the head of {path} '
                      f'has {found} classes.')
-  model = models.create_model(model_name, found,
-                              **_infer_options(flat, model_name),
-                              **INFERENCE_OPTIONS)
-  if image_size is None:
-    tokens = flat[npz_layout.POSEMB].shape[1] - int('cls' in flat)
+  model = models.create_model(model_name, found, **{
+      **_infer_options(flat, model_name), **(overrides or {}),
+      **INFERENCE_OPTIONS})
+  stored = image_size
+  if image_size is not None:
+    model.check_input_shape((1, *image_size, 3))
+  tokens = flat[npz_layout.POSEMB].shape[1] - int('cls' in flat)
+  if image_size is None or resize_posemb and tokens != math.prod(
+      _token_grid(model, image_size)):
     grid = posemb.infer_grid(tokens, f'position embedding of {path}')
-    image_size = (grid[0] * model.input_stride[0],
-                  grid[1] * model.input_stride[1])
-  model.check_input_shape((1, *image_size, 3))
-  _check_shapes(model, flat, image_size, os.fspath(path),
-                f'{model_name} at {image_size[0]}x{image_size[1]}')
-  return Source(
+    stored = (grid[0] * model.input_stride[0],
+              grid[1] * model.input_stride[1])
+  _check_shapes(model, flat, stored, os.fspath(path),
+                f'{model_name} at {stored[0]}x{stored[1]}')
+  source = Source(
       model=model, model_name=model_name, params=_flat_original(flat),
-      image_size=tuple(image_size),
+      image_size=tuple(stored),
       label_names=serving.read_labels(labels, found) if labels else None,
       resize=resize, step=None,
       origin={'kind': 'npz', 'path': os.path.abspath(path)})
+  return at_image_size(source, image_size) if image_size else source
+
+
+def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
+  """`source` at another resolution: its position embedding resized.
+
+  The patch grid part is interpolated bilinearly (`posemb`), as fine-tuning
+  at a new resolution does; the class-token slot is kept.
+  """
+  image_size = tuple(image_size)
+  source.model.check_input_shape((1, *image_size, 3))
+  old_grid = _token_grid(source.model, source.image_size)
+  grid = _token_grid(source.model, image_size)
+  params = source.params
+  if grid != old_grid:
+    logging.info('Position embedding resized from %s to %s.', old_grid, grid)
+    params = {**params, npz_layout.POSEMB: posemb.interpolate_posemb(
+        params[npz_layout.POSEMB], grid, old_grid=old_grid,
+        num_prefix_tokens=int('cls' in params))}
+  return dataclasses.replace(source, params=params, image_size=image_size)
 
 
 def model_options(model: models.VisionTransformer) -> dict[str, Any]:
@@ -172,7 +250,7 @@ def logits_fn(model: models.VisionTransformer
   def fn(flat_params, pixels):
     # Cast up first: bfloat16 weights then compute like float32 ones rounded.
     flat = {k: v.astype(model.param_dtype) for k, v in flat_params.items()}
-    params = npz_layout.unflatten(npz_layout.to_linen_layout(flat))
+    params = linen_params(flat)
     x = pixels.astype(jnp.float32) / 127.5 - 1.0  # preprocess.to_unit_range
     return model.apply({'params': params}, x, train=False)
   return fn
