@@ -46,6 +46,7 @@ import numpy as np
 import safetensors.numpy
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import images
 from vit_jax import model_sources
 from vit_jax import models
@@ -226,15 +227,6 @@ def main(argv: list[str]) -> None:
         f'{params["sha256"]}')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad flag is a usage error: exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f'error: {e}\nPass --help for usage.\n')
-    sys.exit(2)
-
-
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

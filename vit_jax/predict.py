@@ -36,6 +36,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vit_jax import cli
 from vit_jax import images
 from vit_jax import serving
 
@@ -203,15 +204,6 @@ def predict_files(classifier: Classifier, paths: list[str], *, k: int = 5,
   return failed
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad flag is a usage error: exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f'error: {e}\nPass --help for usage.\n')
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   if not _MODEL.value:
     raise app.UsageError('--model is required.', 2)
@@ -241,4 +233,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
