@@ -3,15 +3,16 @@
 #
 # Run from the repository root:
 #   experiments/inspect_cifar10.sh
-# The model defaults to the configs/pretrain.py:cifar10 run (3000 steps),
-# converted to /tmp/vit_cifar10_export/params.npz; its architecture
-# (ViT-Ti_16 with patch 4, width 192, depth 6, 3 heads, MLP 384, class token)
-# is read from the arrays. Another model: set MODEL, e.g.
+# The model defaults to the workdir of a configs/pretrain.py:cifar10 run
+# (3000 steps), made by
+#   python -m vit_jax.main --config=configs/pretrain.py:cifar10 \
+#       --workdir=/tmp/vit_cifar10_run --config.data_dir=../shared/data/tensorflow_datasets
+# Another model: set MODEL, e.g.
 #   MODEL="--workdir=/tmp/vit_inspect_dev" experiments/inspect_cifar10.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-experiments/inspect}
-MODEL=${MODEL:---npz=/tmp/vit_cifar10_export/params.npz --model_name=ViT-Ti_16 --image_size=32}
+MODEL=${MODEL:---workdir=/tmp/vit_cifar10_run}
 LABELS=airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
