@@ -6,9 +6,13 @@ then cosine decay, 384px with the position embedding interpolated
 (bilinear), plain resize for evaluation; 10k steps for CIFAR, 20k for
 ImageNet, lr 0.03 (CIFAR) / 0.01 (ImageNet) here by default.
 
-Argument: "<dataset>" or "<dataset>,<model name>", e.g.
+Argument: "<dataset>" or "<dataset>,<model>", where <model> is a registry
+name or "pretrain:<arg>" for the architecture of configs/pretrain.py:<arg>
+(to fine-tune one of our own pretraining runs), e.g.
   python -m vit_jax.main --config=configs/finetune.py:cifar10,ViT-B_16 \
       --config.pretrained.path=ViT-B_16.npz --workdir=/tmp/ft_cifar10
+  python -m vit_jax.main --config=configs/finetune.py:cifar10,pretrain:cifar10 \
+      --config.pretrained.path=/tmp/vit_cifar10 --config.image_size=64 ...
 Datasets: cifar10, cifar100, oxford_iiit_pet, oxford_flowers102,
 imagenet2012. Not run here: no official weights can be fetched on this
 machine and a ViT-B/16 at 384px needs an accelerator.
@@ -16,6 +20,7 @@ machine and a ViT-B/16 at 384px needs an accelerator.
 import ml_collections
 
 from configs import common
+from configs import pretrain
 
 _STEPS_AND_LR = {
     'cifar10': (10_000, 0.03), 'cifar100': (10_000, 0.03),
@@ -31,7 +36,12 @@ def get_config(arg: str = 'cifar10,ViT-B_16') -> ml_collections.ConfigDict:
                      f'{", ".join(_STEPS_AND_LR)}.')
   steps, lr = _STEPS_AND_LR[dataset]
   config = common.get_config()
-  config.model_name = model_name or 'ViT-B_16'
+  if model_name.startswith('pretrain:'):
+    source = pretrain.get_config(model_name.removeprefix('pretrain:'))
+    config.model_name = source.model_name
+    config.model = source.model
+  else:
+    config.model_name = model_name or 'ViT-B_16'
   config.dataset = dataset
   config.image_size = 384
   config.eval_resize = 'resize'
