@@ -8,7 +8,10 @@
   cifar10  ViT-Ti-like (6 layers, width 192, patch 4) on CIFAR-10 at 32px.
       python -m vit_jax.main --config=configs/pretrain.py:cifar10 \
           --workdir=/tmp/vit_cifar10
-      Machine: RESULT_CIFAR10
+      2026-11-21, 2-core CPU shared with a CI run and tests, 1 process:
+      3000 steps (7.7 epochs) in 71 min, test top-1 54.9 % (43.8 % at step
+      1000, 51.3 % at 2000); 0.9-1 step/s when the machine was quiet, i.e.
+      about 55 min alone.
   imagenet_s16  "Better plain ViT baselines for ImageNet-1k" (arXiv 2205.01580):
       ViT-S/16, GAP head, 90 epochs at batch 1024, Adam lr 1e-3, decoupled wd
       1e-4, 10k warmup steps, cosine, RandAugment(2, 10), mixup 0.2, 224px.

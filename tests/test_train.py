@@ -375,8 +375,9 @@ def test_cross_entropy_with_label_smoothing():
 
 
 def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
-  f32 = train.train_and_evaluate(tiny_config(tfds_data_dir, total_steps=4),
-                                 tmp_path / 'f32')
+  f32 = train.train_and_evaluate(  # also periodic evaluation, last at step 4
+      tiny_config(tfds_data_dir, total_steps=4, eval_every=2), tmp_path / 'f32')
+  assert f32['eval_num_examples'] == 200
   bf16 = train.train_and_evaluate(
       tiny_config(tfds_data_dir, total_steps=4,
                   **{'model.dtype': 'bfloat16'}), tmp_path / 'bf16')

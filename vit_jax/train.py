@@ -300,6 +300,7 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
   progress = train_utils.Progress(setup.total_steps, config.batch_size, writer)
   step = int(state['step'])
   unchecked = None  # (step, metrics) not yet checked: read one step late
+  last_eval = (None, None)  # (step, metrics) of the latest evaluation
   while step < setup.total_steps:
     state, metrics = train_step(state, next(train_iter))
     step += 1
@@ -316,7 +317,8 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
     if log:
       progress.log(step, metrics)
     if config.eval_every and step % config.eval_every == 0:
-      writer.write(step, evaluate(setup, eval_step, state['params']), 'eval')
+      last_eval = (step, evaluate(setup, eval_step, state['params']))
+      writer.write(step, last_eval[1], 'eval')
     if save or preempted:
       ckpt.save(step, state, {'data_position': train_iter.position,
                               **checkpoint_meta(setup)}, force=preempted)
@@ -324,8 +326,11 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
       ckpt.wait_until_finished()
       raise train_utils.Preempted(step)
   ckpt.wait_until_finished()
-  eval_metrics = evaluate(setup, eval_step, state['params'])
-  writer.write(step, eval_metrics, 'eval')
+  if last_eval[0] == step:  # evaluated at the last step already
+    eval_metrics = last_eval[1]
+  else:
+    eval_metrics = evaluate(setup, eval_step, state['params'])
+    writer.write(step, eval_metrics, 'eval')
   result = {'step': step, **{f'eval_{k}': v for k, v in eval_metrics.items()},
             **progress.summary()}
   if jax.process_index() == 0:
