@@ -98,6 +98,7 @@ def test_mesh_errors_name_the_sizes():
     ('pretrain', 'cifar10_quick'), ('pretrain', 'cifar10'),
     ('pretrain', 'imagenet_s16'), ('finetune', 'cifar10,ViT-B_16'),
     ('finetune', 'imagenet2012,R50+ViT-B_16'),
+    ('finetune', 'cifar10,pretrain:cifar10'),
 ])
 def test_shipped_configs_build_model_and_optimizer(module, arg):
   import importlib  # pylint: disable=g-import-not-at-top
