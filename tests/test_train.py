@@ -1,73 +1,33 @@
 """The trainer on real CIFAR-10: parallelism equivalence, resume, preemption."""
 import json
 import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
+import runs
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import train
 from vit_jax import train_utils
 from vit_jax import workdir as vit_workdir
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# A tiny model on a slice of real CIFAR-10: seconds per run on 2 cores.
-TINY = {
-    'model.num_layers': 1, 'model.hidden_size': 32, 'model.mlp_dim': 64,
-    'model.num_heads': 2, 'model.patch_size': 8, 'train_split': 'train[:2%]',
-    'eval_split': 'test[:200]', 'batch_size': 16, 'eval_batch_size': 40,
-    'total_steps': 6, 'log_every': 1, 'checkpoint_every': 2,
-    'schedule.warmup_steps': 2, 'optimizer.learning_rate': 3e-3,
-}
-
-
-def tiny_config(data_dir: str, **overrides):
-  config = pretrain.get_config('cifar10_quick')
-  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
-def cli(data_dir: str, workdir, **overrides) -> list[str]:
-  args = [sys.executable, '-m', 'vit_jax.main',
-          '--config=configs/pretrain.py:cifar10_quick', f'--workdir={workdir}']
-  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
-    args.append(f'--config.{key}={value}')
-  return args
-
-
-def final_params(workdir) -> dict:
-  """The parameters of the newest checkpoint in `workdir`."""
-  return jax.device_get(vit_workdir.load_workdir(workdir).params)
-
-
-def losses(result) -> np.ndarray:
-  return np.array([loss for _, loss in result['train_loss_history']])
-
 
 def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
     tfds_data_dir, tmp_path):
   results = {}
   for name, data, fsdp in [('single', 1, 1), ('dp8', 8, 1), ('fsdp8', 1, 8)]:
-    config = tiny_config(tfds_data_dir, **{'mesh.data': data,
+    config = runs.tiny_config(tfds_data_dir, **{'mesh.data': data,
                                            'mesh.fsdp': fsdp,
                                            'mesh.fsdp_min_size': 256})
     results[name] = train.train_and_evaluate(config, tmp_path / name)
-  assert len(losses(results['single'])) == 6
+  assert len(runs.losses(results['single'])) == 6
   for name in ('dp8', 'fsdp8'):
-    np.testing.assert_allclose(losses(results[name]), losses(results['single']),
+    np.testing.assert_allclose(runs.losses(results[name]), runs.losses(results['single']),
                                rtol=2e-4)
     assert results[name]['eval_num_examples'] == 200
     assert abs(results[name]['eval_accuracy'] -
@@ -75,7 +35,7 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
 
 
 def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
-  config = tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
+  config = runs.tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
                                          'mesh.fsdp_min_size': 1024})
   setup = train.create_setup(config)
   tx = train.optim.create_optimizer(config, setup.total_steps)
@@ -92,21 +52,21 @@ def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
 
 def test_gradient_accumulation_matches_the_full_batch(tfds_data_dir, tmp_path):
   full = train.train_and_evaluate(
-      tiny_config(tfds_data_dir, total_steps=3), tmp_path / 'full')
+      runs.tiny_config(tfds_data_dir, total_steps=3), tmp_path / 'full')
   accum = train.train_and_evaluate(
-      tiny_config(tfds_data_dir, total_steps=3, accum_steps=2),
+      runs.tiny_config(tfds_data_dir, total_steps=3, accum_steps=2),
       tmp_path / 'accum')
-  np.testing.assert_allclose(losses(accum), losses(full), rtol=2e-4)
+  np.testing.assert_allclose(runs.losses(accum), runs.losses(full), rtol=2e-4)
 
 
 def test_short_run_on_real_cifar10_learns(tfds_data_dir, tmp_path):
-  config = tiny_config(
+  config = runs.tiny_config(
       tfds_data_dir, train_split='train[:20%]', eval_split='test[:1000]',
       total_steps=150, batch_size=64, log_every=1, checkpoint_every=150,
       **{'model.hidden_size': 64, 'model.mlp_dim': 128,
          'schedule.warmup_steps': 15})
   result = train.train_and_evaluate(config, tmp_path)
-  history = losses(result)
+  history = runs.losses(result)
   assert history[-20:].mean() < history[:20].mean() - 0.1, history
   assert result['eval_num_examples'] == 1000
   assert result['eval_accuracy'] > 0.25, result  # chance is 0.10
@@ -129,62 +89,19 @@ def test_short_run_on_real_cifar10_learns(tfds_data_dir, tmp_path):
   assert correct / 1000 == result['eval_accuracy']
 
 
-def _wait_for(predicate, proc, timeout=300):
-  start = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f'run ended early with status {proc.returncode}: '
-                           f'{proc.stdout.read()}')
-    if time.time() - start > timeout:
-      proc.kill()
-      raise AssertionError('timed out')
-    time.sleep(0.2)
-
-
-def _complete_steps(workdir) -> list[int]:
-  directory = pathlib.Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
-
-
-def test_sigkill_then_restart_resumes_and_ends_like_an_uninterrupted_run(
-    tfds_data_dir, tmp_path):
-  # Also the CLI's typed model overrides, and scan + remat in a real run.
-  overrides = {'total_steps': 10, 'model.scan_layers': True,
-               'model.remat_policy': 'dots'}
-  env = dict(os.environ)
-  killed = subprocess.Popen(cli(tfds_data_dir, tmp_path / 'run', **overrides),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-  _wait_for(lambda: _complete_steps(tmp_path / 'run') and
-            _complete_steps(tmp_path / 'run')[-1] >= 4, killed)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert _complete_steps(tmp_path / 'run')[-1] < 10
-  resumed = subprocess.run(cli(tfds_data_dir, tmp_path / 'run', **overrides),
-                           cwd=REPO, env=env, capture_output=True, text=True)
-  assert resumed.returncode == 0, resumed.stderr
-  assert 'Resumed from step' in resumed.stderr
-  config = tiny_config(tfds_data_dir, **overrides)
-  train.train_and_evaluate(config, tmp_path / 'straight')
-  assert 'encoderblock' in final_params(tmp_path / 'run')['Transformer']
-  jax.tree.map(np.testing.assert_array_equal,
-               final_params(tmp_path / 'run'),
-               final_params(tmp_path / 'straight'))
-
-
 def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
                                                          tmp_path):
   overrides = dict(total_steps=100000, checkpoint_every=100000)
-  proc = subprocess.Popen(cli(tfds_data_dir, tmp_path, **overrides), cwd=REPO,
+  proc = subprocess.Popen(runs.cli(tfds_data_dir, tmp_path, **overrides), cwd=runs.REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-  _wait_for(lambda: (tmp_path / 'events.out.tfevents').exists() or
+  runs.wait_for(lambda: (tmp_path / 'events.out.tfevents').exists() or
             list(tmp_path.glob('events.out.tfevents.*')), proc)
   time.sleep(3)  # let it train a few steps
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=120)
   assert proc.returncode == train_utils.PREEMPTED_EXIT_CODE, output
-  steps = _complete_steps(tmp_path)
+  steps = runs.complete_steps(tmp_path)
   assert len(steps) == 1 and 0 < steps[0] < 100000, steps
   assert f'checkpoint of step {steps[0]} written' in output
 
@@ -202,7 +119,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
 ])
 def test_bad_config_fails_before_compiling(tfds_data_dir, overrides, match):
   with pytest.raises(ValueError, match=match):
-    train.create_setup(tiny_config(tfds_data_dir, **overrides))
+    train.create_setup(runs.tiny_config(tfds_data_dir, **overrides))
 
 
 @pytest.fixture(scope='module')
@@ -227,8 +144,8 @@ def pretrained_workdir(tfds_data_dir, tmp_path_factory):
   """A tiny model pretrained on CIFAR-10 at 32px (a 4x4 patch grid)."""
   workdir = tmp_path_factory.mktemp('pretrain')
   train.train_and_evaluate(
-      tiny_config(tfds_data_dir, total_steps=30, log_every=100,
-                  checkpoint_every=30), workdir)
+      runs.tiny_config(tfds_data_dir, total_steps=30, log_every=100,
+                       checkpoint_every=30), workdir)
   return workdir
 
 
@@ -238,15 +155,15 @@ def test_fine_tune_at_higher_resolution_and_other_classes(
   weights = pretrained_workdir
   if source == 'npz':
     weights = tmp_path / 'pretrained.npz'
-    checkpoint.save_npz(weights, final_params(pretrained_workdir))
-  config = tiny_config(
+    checkpoint.save_npz(weights, runs.final_params(pretrained_workdir))
+  config = runs.tiny_config(
       tfds_data_dir, dataset=f'imagefolder:{cifar_5_class_folder}',
       train_split='train', eval_split='test', image_size=48, total_steps=40,
       log_every=1, **{'pretrained.path': str(weights)})
   result = train.train_and_evaluate(config, tmp_path / 'finetune')
-  history = losses(result)
+  history = runs.losses(result)
   assert history[-10:].mean() < history[:5].mean() - 0.05, history
-  params = final_params(tmp_path / 'finetune')
+  params = runs.final_params(tmp_path / 'finetune')
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 6 * 6 + 1, 32)
   assert params['head']['kernel'].shape == (32, 5)
@@ -259,18 +176,18 @@ def test_fine_tune_at_higher_resolution_and_other_classes(
 
 def test_fine_tune_with_a_fresh_position_embedding(
     tfds_data_dir, pretrained_workdir, tmp_path):
-  config = tiny_config(tfds_data_dir, image_size=48, total_steps=1,
-                       **{'pretrained.path': str(pretrained_workdir),
+  config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1,
+                            **{'pretrained.path': str(pretrained_workdir),
                           'pretrained.posemb_method': 'reinit'})
   setup = train.create_setup(config)
   state, _ = train.create_train_state(
       setup, train.optim.create_optimizer(config, 1))
-  source = final_params(pretrained_workdir)
+  source = runs.final_params(pretrained_workdir)
   params = jax.device_get(state['params'])
   np.testing.assert_array_equal(  # the rest is the pretrained model's
       params['Transformer']['encoder_norm']['scale'],
       source['Transformer']['encoder_norm']['scale'])
-  scratch = tiny_config(tfds_data_dir, image_size=48, total_steps=1)
+  scratch = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1)
   scratch_setup = train.create_setup(scratch)
   fresh, _ = train.create_train_state(
       scratch_setup, train.optim.create_optimizer(scratch, 1))
@@ -279,54 +196,47 @@ def test_fine_tune_with_a_fresh_position_embedding(
   np.testing.assert_array_equal(posemb(params),
                                 jax.device_get(posemb(fresh['params'])))
   with pytest.raises(ValueError, match=r"posemb_method='nearest'; allowed"):
-    train.create_setup(tiny_config(
+    train.create_setup(runs.tiny_config(
         tfds_data_dir, **{'pretrained.posemb_method': 'nearest'}))
 
 
 def test_fine_tune_resolution_not_divisible_by_the_patch(tfds_data_dir):
   with pytest.raises(ValueError, match=r'Image size 50x50 is not divisible '
                      r'.* 8x8 pixels per token'):
-    train.create_setup(tiny_config(tfds_data_dir, image_size=50))
-
-
-def _free_port() -> int:
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+    train.create_setup(runs.tiny_config(tfds_data_dir, image_size=50))
 
 
 def test_two_processes_give_the_result_of_one_process_with_8_devices(
     tfds_data_dir, tmp_path):
   overrides = {'input_global_order': True, 'mesh.fsdp': 2,
                'mesh.fsdp_min_size': 256}
-  port = _free_port()
+  port = runs.free_port()
   procs = []
   for pid in range(2):
     env = {**os.environ,
            'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
     procs.append(subprocess.Popen(
-        cli(tfds_data_dir, tmp_path / 'two', **overrides,
-            **{'distributed.coordinator_address': f'127.0.0.1:{port}',
+        runs.cli(tfds_data_dir, tmp_path / 'two', **overrides,
+                 **{'distributed.coordinator_address': f'127.0.0.1:{port}',
                'distributed.num_processes': 2, 'distributed.process_id': pid}),
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=runs.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
   outputs = [proc.communicate(timeout=600)[0] for proc in procs]
   for proc, output in zip(procs, outputs):
     assert proc.returncode == 0, output
   assert '2 process(es), 8 cpu device(s)' in outputs[0]
   two = json.loads((tmp_path / 'two' / 'metrics.json').read_text())
-  one = train.train_and_evaluate(tiny_config(tfds_data_dir, **overrides),
+  one = train.train_and_evaluate(runs.tiny_config(tfds_data_dir, **overrides),
                                  tmp_path / 'one')
-  np.testing.assert_allclose(losses(two), losses(one), rtol=2e-4)
+  np.testing.assert_allclose(runs.losses(two), runs.losses(one), rtol=2e-4)
   assert two['eval_num_examples'] == one['eval_num_examples'] == 200
   assert abs(two['eval_accuracy'] - one['eval_accuracy']) <= 0.01
   # atol: the attention key bias has a zero true gradient, so Adam turns
   # float noise of order 1e-10 into updates of up to ~lr/100 there.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-4),
-               final_params(tmp_path / 'two'),
-               final_params(tmp_path / 'one'))
+               runs.final_params(tmp_path / 'two'),
+               runs.final_params(tmp_path / 'one'))
 
 
 def _nan_learning_rate_from(monkeypatch, bad_step: int):
@@ -343,23 +253,23 @@ def _nan_learning_rate_from(monkeypatch, bad_step: int):
 def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(
     tfds_data_dir, tmp_path, monkeypatch):
   _nan_learning_rate_from(monkeypatch, bad_step=4)
-  config = tiny_config(tfds_data_dir, total_steps=8, log_every=100)
+  config = runs.tiny_config(tfds_data_dir, total_steps=8, log_every=100)
   with pytest.raises(train_utils.NonFiniteLossError,
                      match=r'at step 5 .*Last finite metrics: step 4.*'
                      r'Last good checkpoint: step 4'):
     train.train_and_evaluate(config, tmp_path)
-  assert _complete_steps(tmp_path) == [2, 4]
+  assert runs.complete_steps(tmp_path) == [2, 4]
   monkeypatch.undo()
-  params = final_params(tmp_path)
+  params = runs.final_params(tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_non_finite_steps_can_be_skipped(tfds_data_dir, tmp_path, monkeypatch):
   _nan_learning_rate_from(monkeypatch, bad_step=4)
-  config = tiny_config(tfds_data_dir, total_steps=7, on_nonfinite='skip')
+  config = runs.tiny_config(tfds_data_dir, total_steps=7, on_nonfinite='skip')
   result = train.train_and_evaluate(config, tmp_path)
   assert result['skipped_steps'] == 3 and result['step'] == 7
-  params = final_params(tmp_path)
+  params = runs.final_params(tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -376,11 +286,11 @@ def test_cross_entropy_with_label_smoothing():
 
 def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
   f32 = train.train_and_evaluate(  # also periodic evaluation, last at step 4
-      tiny_config(tfds_data_dir, total_steps=4, eval_every=2), tmp_path / 'f32')
+      runs.tiny_config(tfds_data_dir, total_steps=4, eval_every=2), tmp_path / 'f32')
   assert f32['eval_num_examples'] == 200
   bf16 = train.train_and_evaluate(
-      tiny_config(tfds_data_dir, total_steps=4,
-                  **{'model.dtype': 'bfloat16'}), tmp_path / 'bf16')
-  np.testing.assert_allclose(losses(bf16), losses(f32), rtol=0.02)
-  params = final_params(tmp_path / 'bf16')
+      runs.tiny_config(tfds_data_dir, total_steps=4,
+                       **{'model.dtype': 'bfloat16'}), tmp_path / 'bf16')
+  np.testing.assert_allclose(runs.losses(bf16), runs.losses(f32), rtol=0.02)
+  params = runs.final_params(tmp_path / 'bf16')
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))

@@ -1,0 +1,72 @@
+"""Training runs for the tests: a tiny config, the CLI, and what runs leave."""
+import pathlib
+import socket
+import sys
+import time
+
+import jax
+import numpy as np
+
+from configs import pretrain
+from vit_jax import workdir as vit_workdir
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A tiny model on a slice of real CIFAR-10: seconds per run on 2 cores.
+TINY = {
+    'model.num_layers': 1, 'model.hidden_size': 32, 'model.mlp_dim': 64,
+    'model.num_heads': 2, 'model.patch_size': 8, 'train_split': 'train[:2%]',
+    'eval_split': 'test[:200]', 'batch_size': 16, 'eval_batch_size': 40,
+    'total_steps': 6, 'log_every': 1, 'checkpoint_every': 2,
+    'schedule.warmup_steps': 2, 'optimizer.learning_rate': 3e-3,
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = pretrain.get_config('cifar10_quick')
+  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def cli(data_dir: str, workdir, **overrides) -> list[str]:
+  args = [sys.executable, '-m', 'vit_jax.main',
+          '--config=configs/pretrain.py:cifar10_quick', f'--workdir={workdir}']
+  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
+    args.append(f'--config.{key}={value}')
+  return args
+
+
+def final_params(workdir) -> dict:
+  """The parameters of the newest checkpoint in `workdir`."""
+  return jax.device_get(vit_workdir.load_workdir(workdir).params)
+
+
+def losses(result) -> np.ndarray:
+  return np.array([loss for _, loss in result['train_loss_history']])
+
+
+def wait_for(predicate, proc, timeout=300):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early with status {proc.returncode}: '
+                           f'{proc.stdout.read()}')
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.2)
+
+
+def complete_steps(workdir) -> list[int]:
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
