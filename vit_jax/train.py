@@ -62,22 +62,32 @@ def create_setup(config: ml_collections.ConfigDict) -> Setup:
                config.total_steps or info.default_steps)
 
 
-def create_train_state(setup: Setup, tx: optax.GradientTransformation,
-                       use_pretrained: bool = True) -> tuple[State, Any]:
+def abstract_train_state(setup: Setup, tx: optax.GradientTransformation
+                         ) -> tuple[State, Any]:
+  """The state's shapes, dtypes and shardings, nothing allocated; shardings."""
+  init = train_state.make_init_fn(setup.model, tx, setup.image_size)
+  abstract = jax.eval_shape(init, jax.random.key(setup.config.seed))
+  shardings = sharding.state_shardings(setup.mesh, abstract,
+                                       setup.config.mesh.fsdp_min_size)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings), shardings
+
+
+def create_train_state(setup: Setup, tx: optax.GradientTransformation
+                       ) -> tuple[State, Any]:
   """The initial state, created directly with its shardings (no host copy).
 
-  With config.pretrained.path (and `use_pretrained`: not when resuming) the
-  parameters come from those weights, adapted to this model (new head,
-  position embedding resized to the new grid).
+  With config.pretrained.path the parameters come from those weights,
+  adapted to this model (new head, position embedding resized to the new
+  grid).
   """
-  config, model = setup.config, setup.model
-  init = train_state.make_init_fn(model, tx, setup.image_size)
+  config = setup.config
+  init = train_state.make_init_fn(setup.model, tx, setup.image_size)
   init_params = lambda rng: init(rng)['params']
   rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = sharding.state_shardings(setup.mesh, abstract,
-                                       config.mesh.fsdp_min_size)
-  if not (config.pretrained.path and use_pretrained):
+  _, shardings = abstract_train_state(setup, tx)
+  if not config.pretrained.path:
     return jax.jit(init, out_shardings=shardings)(rng), shardings
   # Replicated, hence readable on every host, for the head's fresh init.
   fresh = jax.jit(init_params, out_shardings=sharding.replicated(setup.mesh))(
@@ -268,19 +278,18 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
                 ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
   config = setup.config
   tx = optim.create_optimizer(config, setup.total_steps)
-  resuming = ckpt.latest_step() is not None
-  state, shardings = create_train_state(setup, tx, use_pretrained=not resuming)
-  if setup.adaptation and jax.process_index() == 0:
-    (workdir / 'adaptation.json').write_text(
-        json.dumps(setup.adaptation, indent=2))
+  abstract, shardings = abstract_train_state(setup, tx)
   data_position = 0
-  if resuming:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, shardings)
+  if ckpt.latest_step() is not None:
+    # Restored straight onto the devices: no initial state is built first.
     state, meta = ckpt.restore(abstract)
     data_position = meta['data_position']
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
+  else:
+    state, _ = create_train_state(setup, tx)
+    if setup.adaptation and jax.process_index() == 0:
+      (workdir / 'adaptation.json').write_text(
+          json.dumps(setup.adaptation, indent=2))
 
   batch_sharding = sharding.batch_sharding(setup.mesh)
   train_step = jax.jit(make_train_step(setup, tx),
@@ -312,10 +321,10 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
     preempted = preemption.reached(step)
     if log or save or preempted:
       # Never log or save a state whose loss has not been seen to be finite.
-      progress.check_finite(*unchecked, config.on_nonfinite, ckpt)
+      values = progress.check_finite(*unchecked, config.on_nonfinite, ckpt)
       unchecked = None
     if log:
-      progress.log(step, metrics)
+      progress.log(step, values)
     if config.eval_every and step % config.eval_every == 0:
       last_eval = (step, evaluate(setup, eval_step, state['params']))
       writer.write(step, last_eval[1], 'eval')

@@ -138,16 +138,18 @@ class Progress:
     self._skipped = 0
     self._history: list[tuple[int, float]] = []  # (step, loss) as logged
 
-  def check_finite(self, step: int, metrics, mode: str, ckpt) -> None:
+  def check_finite(self, step: int, metrics, mode: str,
+                   ckpt) -> dict[str, float]:
+    """The step's metrics on the host; raises NonFiniteLossError per `mode`."""
     values = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
     if values.pop('finite'):
       self._last_finite = (step, values)
-      return
+      return values
     if mode == 'skip':
       self._skipped += 1
       logging.warning('Step %d: non-finite loss/gradients (%s); update skipped '
                       '(%d so far).', step, values, self._skipped)
-      return
+      return values
     last = (f'step {self._last_finite[0]}: {self._last_finite[1]}'
             if self._last_finite else 'none')
     ckpt.wait_until_finished()  # the save in flight is a good one: keep it
@@ -158,9 +160,9 @@ class Progress:
         '(kept). Lower the learning rate, add grad_clip_norm, or set '
         "config.on_nonfinite='skip' to skip such steps.")
 
-  def log(self, step: int, metrics) -> None:
-    values = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()
-              if k != 'finite'}
+  def log(self, step: int, values: dict[str, float]) -> None:
+    """Logs and writes the host metrics that `check_finite` returned."""
+    values = dict(values)
     self._history.append((step, values['loss']))
     now = time.time()
     if self._last_step is not None:
