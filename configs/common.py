@@ -77,9 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1,
                                                fsdp_min_size=2**14))
   # Multi-host: set coordinator_address (or $JAX_COORDINATOR_ADDRESS), or
-  # auto=True where JAX detects the cluster (TPU pods, SLURM, ...).
+  # auto=True where JAX detects the cluster (TPU pods, SLURM, ...). If a
+  # process dies, the others abort once it has missed heartbeats this long.
   config.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address='', num_processes=1, process_id=0, auto=False))
+      coordinator_address='', num_processes=1, process_id=0, auto=False,
+      heartbeat_timeout_s=100))
 
   # Bookkeeping.
   config.log_every = 50

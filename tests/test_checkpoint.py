@@ -543,7 +543,12 @@ def test_half_written_checkpoint_is_never_exposed(tmp_path):
   with state_checkpoint.StateCheckpointer(tmp_path) as ckpt:
     assert ckpt.all_steps() == [1]
     _, meta = ckpt.restore(_small_state(0))
-  assert meta == {'step': 1}
+    assert meta == {'step': 1}
+    ckpt.save(2, _small_state(2), {'step': 2})
+  # Garbage of a killed run: removed in the background, at the latest
+  # before the first save.
+  assert not partial.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2']
 
 
 def _damage(step_dir: pathlib.Path):

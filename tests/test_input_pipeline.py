@@ -35,7 +35,7 @@ def _colour(value: int, shape) -> tf.Tensor:
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory) -> pathlib.Path:
-  """train/{Dog,cat: png, zebra: jpeg} + 2 corrupt files, test/ with 'emu'.
+  """train/{Dog,cat: png, zebra: jpeg} + 3 bad files, test/ with 'emu'.
 
   Every image is one constant colour, unique per image, so any crop or resize
   of it still tells which file it came from.
@@ -54,6 +54,7 @@ def folder(tmp_path_factory) -> pathlib.Path:
   good = tf.io.encode_jpeg(_colour(50, (40, 40))).numpy()
   (root / 'train' / 'cat' / 'truncated.jpg').write_bytes(good[:len(good) // 2])
   (root / 'train' / 'Dog' / 'garbage.png').write_bytes(b'not an image' * 10)
+  (root / 'train' / 'Dog' / 'empty.png').write_bytes(b'')
   (root / 'train' / 'Dog' / 'notes.txt').write_text('ignored: not an image')
   for i in range(37):  # 37: the last eval batch is partial everywhere.
     cls = CLASSES[i % 4]
@@ -73,7 +74,7 @@ def _values(image: jax.Array) -> np.ndarray:
 
 
 def _folder_info(folder):
-  with pytest.warns(RuntimeWarning, match=r'Skipped 2 of 26 image files'):
+  with pytest.warns(RuntimeWarning, match=r'Skipped 3 of 27 image files'):
     data_sources._SOURCES.clear()  # A fresh scan, so the warning is raised here.
     return ip.get_dataset_info(f'imagefolder:{folder}')
 

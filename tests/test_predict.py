@@ -95,7 +95,7 @@ def imagenet_npz(tmp_path_factory):
 
 @pytest.fixture
 def photo_folder(imagenet_samples, tmp_path):
-  """Real photos plus grayscale / RGBA / palette PNGs and two bad files."""
+  """Real photos plus grayscale / RGBA / palette PNGs and three bad files."""
   folder = tmp_path / 'photos'
   (folder / 'more').mkdir(parents=True)
   photos = _photos(imagenet_samples, 20)
@@ -107,6 +107,7 @@ def photo_folder(imagenet_samples, tmp_path):
   data = photos[19].read_bytes()
   (folder / 'truncated.JPEG').write_bytes(data[:len(data) // 3])
   (folder / 'notes.jpg').write_text('not an image')
+  (folder / 'empty.png').write_bytes(b'')
   (folder / 'README.txt').write_text('skipped: not an image extension')
   return folder
 
@@ -123,10 +124,11 @@ def test_predict_npz_on_real_photos_prints_label_names_and_reports_bad_files(
                     f'--labels={labels}', '--top_k=3', '--batch_size=8',
                     str(photo_folder))
   assert result.returncode == 1, result.stderr
-  bad = {str(photo_folder / 'truncated.JPEG'), str(photo_folder / 'notes.jpg')}
+  bad = {str(photo_folder / name)
+         for name in ('truncated.JPEG', 'notes.jpg', 'empty.png')}
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert {l.split(': ')[1] for l in errors} == bad
-  assert '2 of 21 file(s) could not be read' in result.stderr
+  assert '3 of 22 file(s) could not be read' in result.stderr
   header, *rows = result.stdout.splitlines()
   assert header.split() == ['image', 'top-1', 'top-2', 'top-3']
   assert len(rows) == 19

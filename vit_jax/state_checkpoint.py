@@ -14,7 +14,9 @@ step is a directory `<step>/` holding `state/` (Orbax OCDBT arrays) and `meta/`.
 Safety: Orbax writes a step under `<step>.orbax-checkpoint-tmp*` and renames
 it only once every file is committed, so a crash mid-save leaves no
 `<step>/`; `latest_step` and `all_steps` list only renamed (complete) steps,
-never the one still being written in the background. `restore()` without a
+never the one still being written in the background. A save that fails
+(disk full, permissions) raises CheckpointWriteError with the OS's reason
+and the newest complete step, which stays intact. `restore()` without a
 step falls back, with a warning, past newest steps that fail to read
 (truncated or corrupted files); the next `save` moves those aside to
 `<step>.unreadable/` (kept for inspection, invisible to Orbax), so that the
@@ -23,9 +25,11 @@ Arrays restore onto the shardings of `abstract_state`, whatever mesh or
 device count saved them.
 """
 from collections.abc import Mapping
+import contextlib
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -76,6 +80,21 @@ class CorruptCheckpointError(ValueError):
   """A complete-looking checkpoint step whose files cannot be read."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A save failed; the complete checkpoints on disk are untouched."""
+
+
+def _write_failure_reason(error: BaseException) -> str:
+  """The OS's reason inside TensorStore's long error text, else its start."""
+  text = str(error)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return f'{os.strerror(int(code.group(1)))} (errno {code.group(1)})'
+  if isinstance(error, OSError) and error.strerror:
+    return f'{error.strerror} (errno {error.errno})'
+  return text.split(' [tensorstore_spec')[0][:400]
+
+
 class StateCheckpointer:
   """Saves and restores the full training state with an Orbax CheckpointManager.
 
@@ -91,7 +110,9 @@ class StateCheckpointer:
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        create=True)
+        create=True,
+        # Half-written steps of a killed run are garbage (and can be large).
+        cleanup_tmp_directories=True)
     # Explicit handlers: item_metadata() and restore work in a fresh process
     # before anything was saved.
     self._manager = ocp.CheckpointManager(
@@ -99,6 +120,8 @@ class StateCheckpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
     self._unreadable: set[int] = set()  # steps restore() had to skip
+    self._in_flight: int | None = None  # step whose async save may not be done
+    self._failed = False  # a CheckpointWriteError was raised already
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -113,15 +136,33 @@ class StateCheckpointer:
     `meta` is not JSON-serialisable.
     """
     _check_json(meta)
+    # A failure of the previous background save is reported as that step's.
+    self.wait_until_finished()
     self._set_aside_unreadable()
     if step in self.all_steps():
       log.warning('Checkpoint step %d already exists in %s; not overwritten.',
                   step, self.directory)
       return False
-    return self._manager.save(
-        step, force=force,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(dict(meta))))
+    with self._reporting_write_errors(step):
+      started = self._manager.save(
+          step, force=force,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(dict(meta))))
+    self._in_flight = step if started else None
+    return started
+
+  @contextlib.contextmanager
+  def _reporting_write_errors(self, step: int | None):
+    try:
+      yield
+    except Exception as e:  # TensorStore, OSError, Orbax's thread errors
+      self._failed = True
+      latest = self.latest_step()
+      kept = (f'The newest complete checkpoint, step {latest}, is intact.'
+              if latest is not None else 'No complete checkpoint exists yet.')
+      raise CheckpointWriteError(
+          f'Could not write checkpoint step {step} in {self.directory}: '
+          f'{_write_failure_reason(e)}. {kept}') from e
 
   def _set_aside_unreadable(self) -> None:
     # Orbax refuses to save a step not newer than its latest one, and its
@@ -234,12 +275,24 @@ class StateCheckpointer:
     return dict(restored['meta'])
 
   def wait_until_finished(self) -> None:
-    """Blocks until the background save (if any) has committed."""
-    self._manager.wait_until_finished()
+    """Blocks until the background save (if any) has committed.
+
+    Raises CheckpointWriteError if that save failed.
+    """
+    with self._reporting_write_errors(self._in_flight):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
-    self._manager.close()
+    if self._failed:  # already reported: do not raise it a second time
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      return
+    with self._reporting_write_errors(self._in_flight):
+      self._manager.close()
 
   def __enter__(self) -> 'StateCheckpointer':
     return self

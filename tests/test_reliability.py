@@ -1,0 +1,192 @@
+"""Faults injected into real training runs, and bad command lines refused.
+
+Each fault is bounded in time. docs/reliability.md lists every fault and bad
+input with the test that shows it.
+"""
+import contextlib
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import runs
+from vit_jax import train
+
+
+def _checkpoint_dir_entries(workdir) -> list[str]:
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(p.name for p in directory.glob('*')) if directory.is_dir() else []
+
+
+def _writing(workdir) -> bool:
+  """True while Orbax has a half-written step on disk."""
+  return any('tmp' in name for name in _checkpoint_dir_entries(workdir))
+
+
+def _start(args: list[str], **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(args, cwd=runs.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_repeated_sigkill_at_random_moments_and_during_checkpoint_writes(
+    tfds_data_dir, tmp_path):
+  # A save every step, so that kills land during writes as well as between.
+  overrides = {'total_steps': 40, 'checkpoint_every': 1, 'log_every': 5,
+               'keep_checkpoints': 2, 'model.scan_layers': True,
+               'model.remat_policy': 'dots'}
+  workdir = tmp_path / 'killed'
+  rng = random.Random(0)
+  kills_mid_write = 0
+  for attempt in range(4):
+    proc = _start(runs.cli(tfds_data_dir, workdir, **overrides))
+    before = runs.complete_steps(workdir)
+    # Wait for progress past the checkpoint this attempt resumed from.
+    runs.wait_for(lambda: runs.complete_steps(workdir)[-1:] > before[-1:], proc)
+    if attempt % 2:  # the moment a step's files are being written
+      runs.wait_for(lambda: _writing(workdir), proc)
+    else:
+      time.sleep(rng.uniform(0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate()[0]
+    kills_mid_write += _writing(workdir)
+    if before:  # resumed from the newest complete step the last run left
+      assert f'Resumed from step {before[-1]} ' in output, output
+    steps = runs.complete_steps(workdir)
+    assert steps and steps[-1] < overrides['total_steps'], (steps, output)
+  assert kills_mid_write >= 1, 'no kill landed while a step was being written'
+  final = subprocess.run(runs.cli(tfds_data_dir, workdir, **overrides),
+                         cwd=runs.REPO, capture_output=True, text=True)
+  assert final.returncode == 0, final.stderr
+  assert 'Resumed from step' in final.stderr
+  assert not _writing(workdir)  # the half-written steps were cleaned up
+  train.train_and_evaluate(runs.tiny_config(tfds_data_dir, **overrides),
+                           tmp_path / 'straight')
+  jax.tree.map(np.testing.assert_array_equal, runs.final_params(workdir),
+               runs.final_params(tmp_path / 'straight'))
+
+
+@contextlib.contextmanager
+def _small_filesystem(path: pathlib.Path, size: str):
+  """A tmpfs of `size` mounted at `path`; skips where mounting is not allowed."""
+  path.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
+                            'tmpfs', str(path)], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip('a small filesystem needs `mount -t tmpfs` (root or '
+                f'CAP_SYS_ADMIN): {mounted.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=True)
+
+
+def _fill(filesystem: pathlib.Path) -> pathlib.Path:
+  filler = filesystem / 'filler'
+  with open(filler, 'wb') as f:
+    with contextlib.suppress(OSError):  # ENOSPC: full, as intended
+      while True:
+        f.write(bytes(1 << 16))
+        f.flush()
+  return filler
+
+
+def test_full_disk_while_saving_is_one_clear_error_and_keeps_the_last_save(
+    tfds_data_dir, tmp_path):
+  overrides = {'total_steps': 60, 'checkpoint_every': 20, 'log_every': 100}
+  with _small_filesystem(tmp_path / 'small', '16m') as disk:
+    workdir = disk / 'run'
+    proc = _start(runs.cli(tfds_data_dir, workdir, **overrides))
+    runs.wait_for(lambda: runs.complete_steps(workdir), proc)
+    proc.send_signal(signal.SIGSTOP)  # fill the disk before its next save
+    filler = _fill(disk)
+    proc.send_signal(signal.SIGCONT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, output
+    last = output.strip().splitlines()[-1]
+    kept = runs.complete_steps(workdir)
+    assert len(kept) == 1, (kept, output)
+    assert last == (f'error: Could not write checkpoint step {kept[0] + 20} in '
+                    f'{workdir}/checkpoints: No space left on device (errno '
+                    f'28). The newest complete checkpoint, step {kept[0]}, is '
+                    'intact.'), output
+    # Space freed, the same command resumes from the kept step and finishes.
+    filler.unlink()
+    resumed = subprocess.run(runs.cli(tfds_data_dir, workdir, **overrides),
+                             cwd=runs.REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'Resumed from step {kept[0]}' in resumed.stderr
+    assert runs.complete_steps(workdir)[-1] == 60
+
+
+@pytest.mark.parametrize('victim', [0, 1])  # 0 also runs the coordinator
+def test_when_one_process_dies_the_other_exits_within_the_heartbeat_timeout(
+    tfds_data_dir, tmp_path, victim):
+  port = runs.free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [_start(runs.cli(
+      tfds_data_dir, tmp_path, total_steps=100000, checkpoint_every=10,
+      log_every=100, **{'distributed.coordinator_address': f'127.0.0.1:{port}',
+                        'distributed.num_processes': 2,
+                        'distributed.process_id': pid,
+                        'distributed.heartbeat_timeout_s': 5}), env=env)
+           for pid in range(2)]
+  runs.wait_for(lambda: runs.complete_steps(tmp_path), procs[0])
+  procs[victim].send_signal(signal.SIGKILL)
+  procs[victim].wait()
+  survivor = procs[1 - victim]
+  start = time.time()
+  try:
+    output = survivor.communicate(timeout=120)[0]
+  except subprocess.TimeoutExpired:
+    survivor.kill()
+    pytest.fail('the surviving process hung for 120 s after its peer died')
+  assert survivor.returncode != 0
+  assert 'This most likely indicates that another task died' in output
+  print(f'survivor exited after {time.time() - start:.1f} s')
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'vit_jax.main', *args],
+                        cwd=runs.REPO, capture_output=True, text=True,
+                        timeout=120)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.total_stesp=3'],
+     "--config.total_stesp: config has no field 'total_stesp'. Did you mean "
+     "'total_steps'? Its fields: accum_steps, batch_size,"),
+    (['--config.optimizer.nme=adamw'],
+     "config.optimizer has no field 'nme'. Did you mean 'name'?"),
+    (['--config.total_steps=ten'], "--config.total_steps=ten: "
+     "config.total_steps takes a value of type int; 'ten' is not one."),
+    (['--config.model.scan_layers=yes'], 'takes a value of type bool'),
+    (['--config.model=ViT-B_16'], 'config.model is a group of fields ('),
+    (['--config.total_steps.x=1'], 'config.total_steps is a single value'),
+], ids=['typo', 'nested-typo', 'int', 'bool', 'group', 'not-a-group'])
+def test_bad_overrides_are_one_line_usage_errors(args, message):
+  result = _main('--config=configs/pretrain.py:cifar10_quick',
+                 '--workdir=/nonexistent', *args)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith('error: ') and message in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_bad_config_files_are_one_line_usage_errors():
+  missing = _main('--config=configs/pretrian.py', '--workdir=/nonexistent')
+  assert missing.returncode == 2
+  assert ("error: --config=configs/pretrian.py: no such file "
+          "'configs/pretrian.py'") in missing.stderr
+  assert 'Did you mean configs/pretrain.py?' in missing.stderr
+  unknown = _main('--config=configs/pretrain.py:cifar10_quik',
+                  '--workdir=/nonexistent')
+  assert unknown.returncode == 2
+  assert ("ValueError: Unknown pretrain config 'cifar10_quik'; allowed: "
+          "cifar10_quick") in unknown.stderr
+  assert 'Traceback' not in unknown.stderr
