@@ -8,7 +8,7 @@
 #   python -m vit_jax.main --config=configs/pretrain.py:cifar10 \
 #       --workdir=/tmp/vit_cifar10_run --config.data_dir=../shared/data/tensorflow_datasets
 # Another model: set MODEL, e.g.
-#   MODEL="--workdir=/tmp/vit_inspect_dev" experiments/inspect_cifar10.sh
+#   MODEL="--workdir=/tmp/other_run" experiments/inspect_cifar10.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-experiments/inspect}
