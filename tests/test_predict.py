@@ -162,7 +162,7 @@ def test_predict_export_runs_stablehlo_without_model_code(
                               model_name=None),
       images.list_images([photo_folder]), k=5, output_format='jsonl',
       out=reference, err=io.StringIO())
-  assert failed == 2
+  assert failed == 3
   script = textwrap.dedent(f"""
       import runpy, sys
       sys.argv = ['predict', '--model={tmp_path / 'export'}', '--format=jsonl',
@@ -182,11 +182,11 @@ def test_predict_export_runs_stablehlo_without_model_code(
   rows = [json.loads(line) for line in result.stdout.splitlines()]
   expected = [json.loads(line) for line in reference.getvalue().splitlines()]
   assert [r['path'] for r in rows] == [r['path'] for r in expected]
-  assert len(rows) == 21 and sum('error' in r for r in rows) == 2
+  assert len(rows) == 22 and sum('error' in r for r in rows) == 3
   for row, ref in zip(rows, expected):
     if 'error' in ref:
       assert row['error'] == ref['error'] and row['path'].endswith(
-          ('truncated.JPEG', 'notes.jpg'))
+          ('truncated.JPEG', 'notes.jpg', 'empty.png'))
       continue
     assert [t['label'] for t in row['top_k']] == [
         t['label'] for t in ref['top_k']]
