@@ -180,6 +180,7 @@ def test_remat_matches_reference_output_and_gradient(policy):
 
 
 def test_xla_attention_matches_jax_reference():
+  """Our head-major formulation is the same function, gradients included."""
   model = tiny_model(num_layers=1)
   x = images()
   params = init_randomized(model, x)
@@ -187,14 +188,25 @@ def test_xla_attention_matches_jax_reference():
       'MultiHeadDotProductAttention_0']
   attn = layers.MultiHeadDotProductAttention(num_heads=2)
   tokens = jax.random.normal(jax.random.key(5), (2, 17, 32))
-  out = attn.apply({'params': attn_params}, tokens, True)
-  proj = lambda n: jnp.einsum('btd,dhk->bthk', tokens, attn_params[n]['kernel']
-                              ) + attn_params[n]['bias']
-  ref = jax.nn.dot_product_attention(proj('query'), proj('key'), proj('value'),
+
+  def ours(p, t):
+    return attn.apply({'params': p}, t, True)
+
+  def reference(p, t):
+    proj = lambda n: jnp.einsum('btd,dhk->bthk', t, p[n]['kernel']
+                                ) + p[n]['bias']
+    y = jax.nn.dot_product_attention(proj('query'), proj('key'), proj('value'),
                                      implementation='xla')
-  ref = jnp.einsum('bthk,hkd->btd', ref, attn_params['out']['kernel']
-                   ) + attn_params['out']['bias']
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    return jnp.einsum('bthk,hkd->btd', y, p['out']['kernel']) + p['out']['bias']
+
+  np.testing.assert_allclose(ours(attn_params, tokens),
+                             reference(attn_params, tokens),
+                             rtol=1e-5, atol=1e-5)
+  grad = lambda f: jax.grad(lambda p, t: jnp.sum(f(p, t) ** 2),
+                            argnums=(0, 1))(attn_params, tokens)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               grad(ours), grad(reference))
 
 
 def test_cudnn_attention_falls_back_on_cpu_with_message():
@@ -218,6 +230,17 @@ def test_stochastic_depth_and_dropout_only_in_training():
   np.testing.assert_array_equal(train(1), train(1))
   assert not np.allclose(train(1), train(2))
   assert not np.allclose(train(1), ref)
+
+
+@pytest.mark.parametrize('scan,remat', [(True, 'none'), (False, 'full'),
+                                        (True, 'dots')])
+def test_training_without_randomness_needs_no_dropout_rng(scan, remat):
+  # Under scan or remat the drop-path rate is traced; off must still mean off.
+  model = tiny_model(scan_layers=scan, remat_policy=remat)
+  x = images()
+  params = model.init(jax.random.key(0), x)['params']
+  np.testing.assert_allclose(model.apply({'params': params}, x, train=True),
+                             model.apply({'params': params}, x), atol=1e-6)
 
 
 def test_attention_weights_are_sown_for_inspection():

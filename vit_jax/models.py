@@ -85,7 +85,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
-        attention_impl=self.attention_impl, dtype=self.dtype,
+        attention_impl=self.attention_impl,
+        drop_path=self.stochastic_depth > 0, dtype=self.dtype,
         param_dtype=self.param_dtype)
     # Stochastic depth grows linearly with depth, 0 at the first block.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1)

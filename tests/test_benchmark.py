@@ -1,0 +1,40 @@
+"""The benchmark harness runs and its FLOP count is the model's (no timing)."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _forward_matmul_flops(tokens: int, width: int, mlp: int, layers: int,
+                          patch_pixels: int, classes: int) -> int:
+  """2 x multiply-adds of ViT's matmuls for one image (the bulk of its FLOPs)."""
+  per_layer = tokens * (4 * width * width + 2 * width * mlp)  # qkv, out, MLP
+  attention = 2 * tokens * tokens * width  # q k^T and weights v
+  patches = (tokens - 1) * patch_pixels * width
+  return 2 * (layers * (per_layer + attention) + patches + width * classes)
+
+
+def test_harness_reports_every_case_with_the_model_flops(tmp_path):
+  out = tmp_path / 'results.jsonl'
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--models=ViT-Ti_16',
+       '--batch=2', '--resolution=32', '--mode=train,infer', '--rounds=1',
+       '--warmup=1', '--peak_size=256', f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  rows = {r['mode']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {'train', 'infer'}
+  assert 'ViT-Ti_16 | infer | 2 | 32 | float32' in result.stdout
+  # ViT-Ti/16 at 32px: 2x2 patches + class token, width 192, MLP 768, 12 layers.
+  expected = 2 * _forward_matmul_flops(5, 192, 768, 12, 16 * 16 * 3, 1000)
+  assert 1.0 <= rows['infer']['flops_per_step'] / expected < 1.05
+  # Backward ~ twice the forward, plus the optimizer's elementwise work.
+  assert 2.8 < rows['train']['flops_per_step'] / expected < 4
+  for row in rows.values():
+    assert row['step_ms'] > 0 and row['compile_s'] > 0 and row['mem_bytes'] > 0
+    # One round: the median of per-round ratios is that round's ratio.
+    assert row['mfu'] > 0 and math.isclose(
+        row['mfu'], row['tflop_per_s'] / row['peak_tflop_per_s'], rel_tol=1e-6)
