@@ -4,7 +4,7 @@ The config is locked: `--config.total_steps=100` overrides an existing field,
 a misspelt one or a value of the wrong type is a usage error (exit status 2)
 naming the field, with a close match. Exit status 75 means "preempted
 (SIGTERM), a checkpoint was written; run the same command to resume"; 1, an
-error explained on the last line.
+error explained in one line starting "error: ".
 """
 import difflib
 import os
@@ -120,12 +120,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
 class _QuietLibraries(logging.logging.Filter):
   """Orbax and TFDS: drops INFO chatter (dozens of lines per save), and cuts
   Orbax's error tracebacks to their first line, since StateCheckpointer
-  re-raises those errors with the reason."""
+  re-raises those errors with the reason. asyncio's "Task exception was never
+  retrieved" for Orbax's tasks, logged at exit after a failed save, only
+  repeats that error: dropped."""
 
   def filter(self, record) -> bool:
-    orbax_task = record.name == 'asyncio' and 'orbax' in str(record.msg)
-    if not orbax_task and not any(lib in record.pathname for lib in
-                                  ('/orbax/', '/tensorflow_datasets/')):
+    if record.name == 'asyncio' and 'orbax' in record.getMessage():
+      return False
+    if not any(lib in record.pathname for lib in
+               ('/orbax/', '/tensorflow_datasets/')):
       return True
     if record.levelno < logging.logging.WARNING:
       return False
