@@ -42,8 +42,7 @@ def token_grid(model: models.VisionTransformer, image_size: Sequence[int]
                ) -> Grid:
   """The (rows, columns) of patch tokens the model makes of `image_size`."""
   model.check_input_shape((1, *image_size, 3))
-  stride = model.input_stride
-  return image_size[0] // stride[0], image_size[1] // stride[1]
+  return model.token_grid(image_size)
 
 
 def _stacked(weights_per_layer: Any) -> np.ndarray:

@@ -67,12 +67,6 @@ def linen_params(flat: Mapping[str, Any]) -> dict[str, Any]:
   return npz_layout.unflatten(npz_layout.to_linen_layout(flat))
 
 
-def _token_grid(model: models.VisionTransformer, image_size: Sequence[int]
-                ) -> tuple[int, int]:
-  return (image_size[0] // model.input_stride[0],
-          image_size[1] // model.input_stride[1])
-
-
 def from_workdir(workdir: str | os.PathLike, step: int | None = None
                  ) -> Source:
   """The model of a training workdir (newest checkpoint, or `step`)."""
@@ -185,7 +179,7 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
     model.check_input_shape((1, *image_size, 3))
   tokens = flat[npz_layout.POSEMB].shape[1] - int('cls' in flat)
   if image_size is None or resize_posemb and tokens != math.prod(
-      _token_grid(model, image_size)):
+      model.token_grid(image_size)):
     grid = posemb.infer_grid(tokens, f'position embedding of {path}')
     stored = (grid[0] * model.input_stride[0],
               grid[1] * model.input_stride[1])
@@ -208,8 +202,8 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
   """
   image_size = tuple(image_size)
   source.model.check_input_shape((1, *image_size, 3))
-  old_grid = _token_grid(source.model, source.image_size)
-  grid = _token_grid(source.model, image_size)
+  old_grid = source.model.token_grid(source.image_size)
+  grid = source.model.token_grid(image_size)
   params = source.params
   if grid != old_grid:
     logging.info('Position embedding resized from %s to %s.', old_grid, grid)

@@ -7,7 +7,7 @@ Parameter names follow Google's linen checkpoints (`embedding`, `cls`,
 `Transformer/encoderblock` (leading layer axis, big_vision's layout);
 `stack_encoder_blocks` / `unstack_encoder_blocks` convert between the two.
 """
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import difflib
 import math
 from typing import Any
@@ -149,6 +149,11 @@ class VisionTransformer(nn.Module):
     stem = (1 if self.resnet_layers is None
             else resnet.stem_stride(self.resnet_layers))
     return (stem * self.patch_size[0], stem * self.patch_size[1])
+
+  def token_grid(self, image_size: Sequence[int]) -> tuple[int, int]:
+    """(rows, columns) of patch tokens the model makes of `image_size`."""
+    stride = self.input_stride
+    return image_size[0] // stride[0], image_size[1] // stride[1]
 
   def check_input_shape(self, shape: tuple[int, ...]) -> None:
     """Raises ValueError unless `shape` is a valid (batch, H, W, 3) input."""

@@ -70,10 +70,8 @@ def load_pretrained_source(path: str | os.PathLike) -> PretrainedSource:
   path = pathlib.Path(path)
   if path.is_dir():
     trained = load_workdir(path)
-    stride = trained.model.input_stride
-    grid = (trained.image_size[0] // stride[0],
-            trained.image_size[1] // stride[1])
-    return PretrainedSource(jax.device_get(trained.params), 'workdir', grid)
+    return PretrainedSource(jax.device_get(trained.params), 'workdir',
+                            trained.model.token_grid(trained.image_size))
   if not path.exists():
     raise FileNotFoundError(f'Pretrained weights {path} do not exist (expected '
                             'an .npz file or a training workdir).')
