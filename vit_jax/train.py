@@ -105,9 +105,7 @@ def pretrained_params(setup: Setup, fresh: dict[str, Any]) -> dict[str, Any]:
   """
   config = setup.config
   source = workdir_lib.load_pretrained_source(config.pretrained.path)
-  stride = setup.model.input_stride
-  new_grid = (setup.image_size[0] // stride[0],
-              setup.image_size[1] // stride[1])
+  new_grid = setup.model.token_grid(setup.image_size)
   method = config.pretrained.posemb_method
   params = checkpoint.load_pretrained(
       source.params, fresh, setup.model, new_grid=new_grid,
@@ -278,15 +276,15 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
                 ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
   config = setup.config
   tx = optim.create_optimizer(config, setup.total_steps)
-  abstract, shardings = abstract_train_state(setup, tx)
   data_position = 0
   if ckpt.latest_step() is not None:
     # Restored straight onto the devices: no initial state is built first.
+    abstract, shardings = abstract_train_state(setup, tx)
     state, meta = ckpt.restore(abstract)
     data_position = meta['data_position']
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
   else:
-    state, _ = create_train_state(setup, tx)
+    state, shardings = create_train_state(setup, tx)
     if setup.adaptation and jax.process_index() == 0:
       (workdir / 'adaptation.json').write_text(
           json.dumps(setup.adaptation, indent=2))
