@@ -1,7 +1,14 @@
 """Shared command-line plumbing of the vit_jax tools."""
 import sys
+from typing import NoReturn
 
 from absl import flags
+
+
+def usage_error(message: str) -> NoReturn:
+  """One `error:` line and exit status 2, the tools' usage-error convention."""
+  sys.stderr.write(f'error: {message}\nPass --help for usage.\n')
+  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -9,5 +16,4 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.stderr.write(f'error: {e}\nPass --help for usage.\n')
-    sys.exit(2)
+    usage_error(str(e))

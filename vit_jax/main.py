@@ -18,6 +18,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from vit_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/pretrain.py:cifar10',
     lock_config=True)
@@ -106,15 +108,14 @@ def _missing_config_file(argv: list[str]) -> str | None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser; a bad flag or config override is one line, exit 2."""
+  """cli.parse_flags, also for a bad config file or override (one line)."""
+  missing = _missing_config_file(argv)
+  if missing:
+    cli.usage_error(missing)
   try:
-    message = _missing_config_file(argv)
-    if message is None:
-      return flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError) as e:  # ml_collections: Key/Attr
-    message = _override_error(argv, e)
-  sys.stderr.write(f'error: {message}\nPass --helpfull for usage.\n')
-  sys.exit(2)
+    cli.usage_error(_override_error(argv, e))
 
 
 class _QuietLibraries(logging.logging.Filter):

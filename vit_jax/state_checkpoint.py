@@ -286,10 +286,8 @@ class StateCheckpointer:
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
     if self._failed:  # already reported: do not raise it a second time
-      try:
+      with contextlib.suppress(Exception):
         self._manager.close()
-      except Exception:  # pylint: disable=broad-except
-        pass
       return
     with self._reporting_write_errors(self._in_flight):
       self._manager.close()
