@@ -1,6 +1,8 @@
 """Training runs for the tests: a tiny config, the CLI, and what runs leave."""
+import os
 import pathlib
 import socket
+import subprocess
 import sys
 import time
 
@@ -66,7 +68,26 @@ def complete_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit())
 
 
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+  """A process in the repo root; stdout and stderr together, as text."""
+  return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def start_processes(data_dir: str, workdir, num_processes: int,
+                    devices_each: int, **overrides) -> list[subprocess.Popen]:
+  """One multi-process CLI run on this machine (gloo over localhost)."""
+  port = free_port()
+  env = {**os.environ,
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
+  return [start(cli(data_dir, workdir, **overrides, **{
+      'distributed.coordinator_address': f'127.0.0.1:{port}',
+      'distributed.num_processes': num_processes,
+      'distributed.process_id': pid}), env=env)
+          for pid in range(num_processes)]

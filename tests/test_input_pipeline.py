@@ -3,7 +3,6 @@ import itertools
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import runs
 from vit_jax import data_sources
 from vit_jax import input_pipeline as ip
 from vit_jax import preprocess
@@ -477,12 +477,6 @@ def test_multi_hot_for_real_labels():
 
 
 # -------------------------------------------------------------- 2 processes
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes(folder, tmp_path, request):
   """2 processes x 4 devices: folder eval/train, CIFAR eval, batch errors,
   CIFAR global-order train batches equal to those of 1 process x 8 devices.
@@ -494,7 +488,7 @@ def test_two_processes(folder, tmp_path, request):
     tfds_dir = request.getfixturevalue('tfds_data_dir')
   except pytest.skip.Exception:
     tfds_dir = ''
-  port = _free_port()
+  port = runs.free_port()
   worker = pathlib.Path(__file__).with_name('input_multiprocess_worker.py')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['PYTHONWARNINGS'] = 'ignore'

@@ -4,7 +4,6 @@ Each fault is bounded in time. docs/reliability.md lists every fault and bad
 input with the test that shows it.
 """
 import contextlib
-import os
 import pathlib
 import random
 import signal
@@ -30,11 +29,6 @@ def _writing(workdir) -> bool:
   return any('tmp' in name for name in _checkpoint_dir_entries(workdir))
 
 
-def _start(args: list[str], **kwargs) -> subprocess.Popen:
-  return subprocess.Popen(args, cwd=runs.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 def test_repeated_sigkill_at_random_moments_and_during_checkpoint_writes(
     tfds_data_dir, tmp_path):
   # A save every step, so that kills land during writes as well as between.
@@ -45,7 +39,7 @@ def test_repeated_sigkill_at_random_moments_and_during_checkpoint_writes(
   rng = random.Random(0)
   kills_mid_write = 0
   for attempt in range(4):
-    proc = _start(runs.cli(tfds_data_dir, workdir, **overrides))
+    proc = runs.start(runs.cli(tfds_data_dir, workdir, **overrides))
     before = runs.complete_steps(workdir)
     # Wait for progress past the checkpoint this attempt resumed from.
     runs.wait_for(lambda: runs.complete_steps(workdir)[-1:] > before[-1:], proc)
@@ -102,7 +96,7 @@ def test_full_disk_while_saving_is_one_clear_error_and_keeps_the_last_save(
   overrides = {'total_steps': 60, 'checkpoint_every': 20, 'log_every': 100}
   with _small_filesystem(tmp_path / 'small', '16m') as disk:
     workdir = disk / 'run'
-    proc = _start(runs.cli(tfds_data_dir, workdir, **overrides))
+    proc = runs.start(runs.cli(tfds_data_dir, workdir, **overrides))
     runs.wait_for(lambda: runs.complete_steps(workdir), proc)
     proc.send_signal(signal.SIGSTOP)  # fill the disk before its next save
     filler = _fill(disk)
@@ -128,15 +122,9 @@ def test_full_disk_while_saving_is_one_clear_error_and_keeps_the_last_save(
 @pytest.mark.parametrize('victim', [0, 1])  # 0 also runs the coordinator
 def test_when_one_process_dies_the_other_exits_within_the_heartbeat_timeout(
     tfds_data_dir, tmp_path, victim):
-  port = runs.free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  procs = [_start(runs.cli(
-      tfds_data_dir, tmp_path, total_steps=100000, checkpoint_every=10,
-      log_every=100, **{'distributed.coordinator_address': f'127.0.0.1:{port}',
-                        'distributed.num_processes': 2,
-                        'distributed.process_id': pid,
-                        'distributed.heartbeat_timeout_s': 5}), env=env)
-           for pid in range(2)]
+  procs = runs.start_processes(
+      tfds_data_dir, tmp_path, 2, 2, total_steps=100000, checkpoint_every=10,
+      log_every=100, **{'distributed.heartbeat_timeout_s': 5})
   runs.wait_for(lambda: runs.complete_steps(tmp_path), procs[0])
   procs[victim].send_signal(signal.SIGKILL)
   procs[victim].wait()

@@ -1,8 +1,6 @@
 """The trainer on real CIFAR-10: parallelism equivalence, resume, preemption."""
 import json
-import os
 import signal
-import subprocess
 import time
 
 import jax
@@ -92,9 +90,7 @@ def test_short_run_on_real_cifar10_learns(tfds_data_dir, tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
                                                          tmp_path):
   overrides = dict(total_steps=100000, checkpoint_every=100000)
-  proc = subprocess.Popen(runs.cli(tfds_data_dir, tmp_path, **overrides), cwd=runs.REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = runs.start(runs.cli(tfds_data_dir, tmp_path, **overrides))
   runs.wait_for(lambda: (tmp_path / 'events.out.tfevents').exists() or
             list(tmp_path.glob('events.out.tfevents.*')), proc)
   time.sleep(3)  # let it train a few steps
@@ -210,17 +206,8 @@ def test_two_processes_give_the_result_of_one_process_with_8_devices(
     tfds_data_dir, tmp_path):
   overrides = {'input_global_order': True, 'mesh.fsdp': 2,
                'mesh.fsdp_min_size': 256}
-  port = runs.free_port()
-  procs = []
-  for pid in range(2):
-    env = {**os.environ,
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-    procs.append(subprocess.Popen(
-        runs.cli(tfds_data_dir, tmp_path / 'two', **overrides,
-                 **{'distributed.coordinator_address': f'127.0.0.1:{port}',
-               'distributed.num_processes': 2, 'distributed.process_id': pid}),
-        cwd=runs.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True))
+  procs = runs.start_processes(tfds_data_dir, tmp_path / 'two', 2, 4,
+                               **overrides)
   outputs = [proc.communicate(timeout=600)[0] for proc in procs]
   for proc, output in zip(procs, outputs):
     assert proc.returncode == 0, output
