@@ -83,11 +83,12 @@ def _small_filesystem(path: pathlib.Path, size: str):
 
 def _fill(filesystem: pathlib.Path) -> pathlib.Path:
   filler = filesystem / 'filler'
-  with open(filler, 'wb') as f:
+  # Unbuffered: a buffered file keeps the bytes of a partial last write and
+  # raises ENOSPC again from close().
+  with open(filler, 'wb', buffering=0) as f:
     with contextlib.suppress(OSError):  # ENOSPC: full, as intended
       while True:
         f.write(bytes(1 << 16))
-        f.flush()
   return filler
 
 
