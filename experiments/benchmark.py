@@ -175,9 +175,12 @@ def run_case(args, peak_probe, xla: str, **case) -> dict[str, Any]:
   if args.profile:
     # One more step, traced: per-thunk times on the host timeline (open the
     # perfetto_trace.json.gz in ui.perfetto.dev or TensorBoard's profiler).
-    with jax.profiler.trace(f"{args.profile}/{case['model_name']}_{case['mode']}",
-                            create_perfetto_trace=True):
+    # hlo.txt beside it names each thunk's model code for
+    # experiments/profile_breakdown.py.
+    case_dir = pathlib.Path(args.profile, f"{case['model_name']}_{case['mode']}")
+    with jax.profiler.trace(str(case_dir), create_perfetto_trace=True):
       jax.block_until_ready(compiled(*inputs))
+    (case_dir / 'hlo.txt').write_text(compiled.as_text())
   step = statistics.median(steps)
   # Measured by the allocator where the backend has one (GPU, TPU; not CPU).
   device_stats = jax.devices()[0].memory_stats() or {}

@@ -22,7 +22,8 @@ def test_harness_reports_every_case_with_the_model_flops(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/benchmark.py', '--models=ViT-Ti_16',
        '--batch=2', '--resolution=32', '--mode=train,infer', '--rounds=1',
-       '--warmup=1', '--peak_size=256', f'--json={out}'],
+       '--warmup=1', '--peak_size=256', f'--json={out}',
+       f'--profile={tmp_path / "profile"}'],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   rows = {r['mode']: r for r in map(json.loads, out.read_text().splitlines())}
@@ -38,3 +39,17 @@ def test_harness_reports_every_case_with_the_model_flops(tmp_path):
     # One round: the median of per-round ratios is that round's ratio.
     assert row['mfu'] > 0 and math.isclose(
         row['mfu'], row['tflop_per_s'] / row['peak_tflop_per_s'], rel_tol=1e-6)
+
+  # The profile of the train step, broken down by kind of work.
+  sys.path.insert(0, str(REPO / 'experiments'))
+  import profile_breakdown
+  kinds, ops, wall = profile_breakdown.breakdown(
+      tmp_path / 'profile' / 'ViT-Ti_16_train')
+  total = sum(times.total() for times in kinds.values())
+  # Overlapping thunks are split, not double counted: the rows add up to the
+  # traced span (less the gaps between thunks).
+  assert 0.5 * wall < total <= wall * 1.001
+  assert math.isclose(sum(ops.values()), total)
+  for matmuls in ('dense matmuls', 'attention matmuls'):
+    assert kinds[matmuls]['fwd'] > 0 and kinds[matmuls]['bwd'] > 0
+  assert kinds['outside the model (loss, optimizer, norms)'].total() > 0
