@@ -16,11 +16,8 @@ Evaluation
   Every process yields the same number of batches; the tail is padded with
   zero images whose `mask` is False, so each example is counted exactly once.
 """
-import collections
 import dataclasses
-import itertools
 import math
-import numbers
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +25,7 @@ import jax
 import tensorflow as tf
 
 from vit_jax import data_sources
+from vit_jax import device_feed
 from vit_jax import preprocess  # Also hides GPUs from TensorFlow.
 
 RESIZE_MODES = ('resize', 'resize_crop')
@@ -188,68 +186,11 @@ def eval_dataset(src, split: str, *, local_batch: int, size: tuple[int, int],
 
 
 # ------------------------------------------------------------ to the devices
-def _batch_sharding(sharding: jax.sharding.NamedSharding
-                    ) -> jax.sharding.NamedSharding:
-  """Partitions only the leading (batch) axis, whatever the array's rank."""
-  spec = sharding.spec[0] if len(sharding.spec) else None
-  return jax.sharding.NamedSharding(sharding.mesh,
-                                    jax.sharding.PartitionSpec(spec))
-
-
-def _local_rows(global_batch: int, sharding: jax.sharding.NamedSharding
-                ) -> list[int]:
-  """Checks that the batch splits evenly; returns this process's rows.
-
-  `make_array_from_process_local_data` fills them, in ascending order, from
-  the rows of the process's local batch.
-  """
-  processes = jax.process_count()
-  if not isinstance(global_batch, numbers.Integral) or global_batch <= 0:
-    raise ValueError(f'global_batch_size must be a positive int, got '
-                     f'{global_batch!r}.')
-  if global_batch % processes:
-    raise ValueError(f'global_batch_size={global_batch} is not divisible by '
-                     f'the number of processes ({processes}).')
-  spec = _batch_sharding(sharding).spec[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  shards = math.prod(sharding.mesh.shape[a] for a in axes)
-  if global_batch % shards:
-    raise ValueError(
-        f'global_batch_size={global_batch} is not divisible by the {shards} '
-        f'devices the batch is sharded over (mesh axes {axes}); use a '
-        f'multiple of {shards}.')
-  rows = set()
-  for index in _batch_sharding(sharding).addressable_devices_indices_map(
-      (global_batch,)).values():
-    rows.update(range(global_batch)[index[0]])
-  if len(rows) != global_batch // processes:
-    raise ValueError(f'The sharding gives process {jax.process_index()} '
-                     f'{len(rows)} rows of a {global_batch} batch; the input '
-                     'pipeline needs each process to own an equal, disjoint '
-                     'share of the batch axis.')
-  return sorted(rows)
-
-
-def _device_batches(ds: tf.data.Dataset, sharding: jax.sharding.NamedSharding,
-                    global_batch: int, prefetch: int) -> Iterator[Batch]:
-  """Host batches -> global arrays, keeping `prefetch` transfers in flight.
-
-  `make_array_from_process_local_data` starts the host->device copies
-  asynchronously, so building the next arrays before yielding the current
-  ones overlaps the copy with the caller's step.
-  """
-  sharding = _batch_sharding(sharding)
-  batches = ds.prefetch(max(prefetch, 1)).as_numpy_iterator()
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(
-        sharding, v, (global_batch,) + v.shape[1:]) for k, v in batch.items()}
-
-  queue = collections.deque(
-      to_global(b) for b in itertools.islice(batches, max(prefetch, 1)))
-  while queue:
-    yield queue.popleft()
-    queue.extend(to_global(b) for b in itertools.islice(batches, 1))
+def _to_devices(ds: tf.data.Dataset, sharding: jax.sharding.NamedSharding,
+                global_batch: int, prefetch: int) -> Iterator[Batch]:
+  return device_feed.global_batches(
+      ds.prefetch(max(prefetch, 1)).as_numpy_iterator(), sharding,
+      global_batch, prefetch)
 
 
 class TrainIterator:
@@ -258,7 +199,7 @@ class TrainIterator:
   def __init__(self, ds: tf.data.Dataset, sharding, global_batch: int,
                start_position: int, prefetch: int):
     self.position = start_position
-    self._it = _device_batches(ds, sharding, global_batch, prefetch)
+    self._it = _to_devices(ds, sharding, global_batch, prefetch)
 
   def __iter__(self) -> 'TrainIterator':
     return self
@@ -282,8 +223,8 @@ class EvalIterable:
     return self.num_batches
 
   def __iter__(self) -> Iterator[Batch]:
-    return _device_batches(self.ds, self.sharding, self.global_batch,
-                           self.prefetch)
+    return _to_devices(self.ds, self.sharding, self.global_batch,
+                       self.prefetch)
 
 
 def _check_args(image_size, sharding, global_batch: int
@@ -295,7 +236,7 @@ def _check_args(image_size, sharding, global_batch: int
   size = preprocess.as_size(image_size)
   if min(size) <= 0:
     raise ValueError(f'image_size must be positive, got {image_size!r}.')
-  return size, _local_rows(global_batch, sharding)
+  return size, device_feed.local_rows(global_batch, sharding)
 
 
 def train_iterator(

@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import optim
-from vit_jax import posemb
 from vit_jax import sharding
 from vit_jax import state_checkpoint
 from vit_jax import train_state
@@ -27,8 +25,6 @@ from vit_jax import train_utils
 from vit_jax import workdir as workdir_lib
 
 State = train_state.State
-# How a pretrained position embedding meets a new grid.
-POSEMB_METHODS = ('bilinear', 'bicubic', 'reinit')
 
 
 @dataclasses.dataclass
@@ -46,10 +42,10 @@ class Setup:
 def create_setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds the pieces; raises ValueError on bad input."""
   optim.check_config(config)
-  if config.pretrained.posemb_method not in POSEMB_METHODS:
+  if config.pretrained.posemb_method not in workdir_lib.POSEMB_METHODS:
     raise ValueError(f'pretrained.posemb_method='
                      f'{config.pretrained.posemb_method!r}; allowed: '
-                     f'{", ".join(POSEMB_METHODS)}.')
+                     f'{", ".join(workdir_lib.POSEMB_METHODS)}.')
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
   info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None)
   image_size = train_utils.pair(config.image_size or info.default_resolution)
@@ -92,53 +88,13 @@ def create_train_state(setup: Setup, tx: optax.GradientTransformation
   # Replicated, hence readable on every host, for the head's fresh init.
   fresh = jax.jit(init_params, out_shardings=sharding.replicated(setup.mesh))(
       rng)
-  params = pretrained_params(setup, jax.device_get(fresh))
+  params, record = workdir_lib.pretrained_params(
+      config.pretrained.path, jax.device_get(fresh), setup.model,
+      setup.image_size, config.pretrained.posemb_method)
+  setup.adaptation.update(record)
+  logging.info('Initialised from %s: %s', config.pretrained.path, record)
   params = jax.device_put(params, shardings['params'])
   return jax.jit(init, out_shardings=shardings)(rng, params), shardings
-
-
-def pretrained_params(setup: Setup, fresh: dict[str, Any]) -> dict[str, Any]:
-  """config.pretrained's weights adapted to this model; records what changed.
-
-  The record (`adaptation` on the setup, written to the workdir as
-  adaptation.json) says which head, grid and pre-logits were adapted.
-  """
-  config = setup.config
-  source = workdir_lib.load_pretrained_source(config.pretrained.path)
-  new_grid = setup.model.token_grid(setup.image_size)
-  method = config.pretrained.posemb_method
-  params = checkpoint.load_pretrained(
-      source.params, fresh, setup.model, new_grid=new_grid,
-      old_grid=source.grid,
-      posemb_method='bilinear' if method == 'reinit' else method)
-  setup.adaptation.update(adaptation_record(source, params, new_grid))
-  if method == 'reinit':  # the ablation: learn positions from scratch
-    params['Transformer']['posembed_input'] = fresh['Transformer'][
-        'posembed_input']
-  setup.adaptation.update(path=config.pretrained.path,
-                          posemb_method=config.pretrained.posemb_method)
-  logging.info('Initialised from %s: %s', config.pretrained.path,
-               setup.adaptation)
-  return params
-
-
-def adaptation_record(source: 'workdir_lib.PretrainedSource',
-                      params: dict[str, Any],
-                      new_grid: tuple[int, int]) -> dict[str, Any]:
-  """What fine-tuning changed between the source weights and the model."""
-  old_posemb = source.params['Transformer']['posembed_input']['pos_embedding']
-  new_posemb = params['Transformer']['posembed_input']['pos_embedding']
-  prefix = new_posemb.shape[1] - new_grid[0] * new_grid[1]
-  old_grid = source.grid or posemb.infer_grid(old_posemb.shape[1] - prefix)
-  head = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
-  return {
-      'source_kind': source.kind,
-      'head': {'classes': [head(source.params), head(params)],
-               're_initialised': True},
-      'position_embedding_grid': [list(old_grid), list(new_grid)],
-      'position_embedding_resized': tuple(old_grid) != tuple(new_grid),
-      'pre_logits': ['pre_logits' in source.params, 'pre_logits' in params],
-  }
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
