@@ -1,7 +1,6 @@
 """Model zoo: parameter counts, output shapes, numerics options, bad input."""
 import subprocess
 import sys
-import warnings
 
 import jax
 import jax.extend
