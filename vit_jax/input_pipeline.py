@@ -29,7 +29,7 @@ from vit_jax import device_feed
 from vit_jax import preprocess  # Also hides GPUs from TensorFlow.
 
 RESIZE_MODES = ('resize', 'resize_crop')
-Batch = dict[str, jax.Array]
+Batch = device_feed.Batch
 
 
 @dataclasses.dataclass(frozen=True)
