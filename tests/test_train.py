@@ -2,6 +2,7 @@
 import json
 import signal
 import time
+import types
 
 import jax
 import numpy as np
@@ -281,3 +282,23 @@ def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
   np.testing.assert_allclose(runs.losses(bf16), runs.losses(f32), rtol=0.02)
   params = runs.final_params(tmp_path / 'bf16')
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+def test_progress_lines_give_rates_from_the_second_line_on(tmp_path, caplog,
+                                                           monkeypatch):
+  # start, first log, 10 s later, summary
+  clock = iter([100.0, 130.0, 140.0, 150.0])
+  monkeypatch.setattr(train_utils, 'time', types.SimpleNamespace(
+      time=lambda: next(clock), strftime=time.strftime, gmtime=time.gmtime))
+  with train_utils.MetricWriter(tmp_path, enabled=False) as writer:
+    progress = train_utils.Progress(total_steps=100, batch_size=8,
+                                    writer=writer)
+    with caplog.at_level('INFO'):
+      progress.log(10, {'loss': 2.0, 'learning_rate': 1e-3})
+      progress.log(30, {'loss': 1.5, 'learning_rate': 1e-3})
+  first, second = [r.getMessage() for r in caplog.records]
+  assert 'step 10/100' in first and 'includes compiling' in first
+  assert 'steps/s' not in first
+  # 20 steps in 10 s; 70 steps left -> 35 s.
+  assert '2.00 steps/s  16 img/s  ETA 00:00:35' in second
+  assert progress.summary()['train_loss_history'] == [(10, 2.0), (30, 1.5)]

@@ -171,13 +171,14 @@ class Progress:
       values['images_per_s'] = steps_per_s * self._batch
       eta = time.strftime('%H:%M:%S', time.gmtime(
           (self._total - step) / max(steps_per_s, 1e-9)))
-    else:
-      eta = 'after the first interval (includes compile)'
+      speed = (f'{steps_per_s:.2f} steps/s  {values["images_per_s"]:.0f} '
+               f'img/s  ETA {eta}')
+    else:  # no rate yet: the time so far is mostly compiling
+      speed = ('speed and ETA from the next line on (this one includes '
+               'compiling)')
     self._last_step, self._last_time = step, now
-    logging.info('step %d/%d  loss %.4f  lr %.3g  %s  ETA %s', step,
-                 self._total, values['loss'], values['learning_rate'],
-                 f"{values.get('steps_per_s', 0):.2f} steps/s "
-                 f"{values.get('images_per_s', 0):.0f} img/s", eta)
+    logging.info('step %d/%d  loss %.4f  lr %.3g  %s', step, self._total,
+                 values['loss'], values['learning_rate'], speed)
     self._writer.write(step, values, 'train')
 
   def summary(self) -> dict[str, Any]:
