@@ -53,3 +53,25 @@ def test_harness_reports_every_case_with_the_model_flops(tmp_path):
   for matmuls in ('dense matmuls', 'attention matmuls'):
     assert kinds[matmuls]['fwd'] > 0 and kinds[matmuls]['bwd'] > 0
   assert kinds['outside the model (loss, optimizer, norms)'].total() > 0
+
+
+def test_matmul_chain_runs_exactly_the_step_matmuls(capsys):
+  sys.path.insert(0, str(REPO / 'experiments'))
+  import matmul_chain
+  from vit_jax import model_registry
+  arch = model_registry.get_model_config('ViT-Ti_16')
+  rows, width, mlp, layers = 2 * 5, 192, 768, 12  # batch 2 at 32 px: 5 tokens
+  dense = 3 * 2 * rows * (4 * width * width + 2 * width * mlp) * layers
+  attention = 3 * 2 * 2 * 2 * 5 * 5 * width * layers  # q kᵀ and weights v
+  for with_attention, expected in ((False, dense),
+                                   (True, dense + attention)):
+    fn, inputs = matmul_chain.matmul_chain(arch, 2, 32, with_attention)
+    flops = fn.lower(*inputs).compile().cost_analysis()['flops']
+    # Only residual adds and scalings come on top.
+    assert 1.0 <= flops / expected < 1.01, (with_attention, flops, expected)
+  matmul_chain.main(['matmul_chain', '--models=ViT-Ti_16', '--batch=2',
+                     '--resolution=32', '--rounds=2', '--peak_size=256'])
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(' | ')[:2] for l in lines[1:]] == [
+      ['ViT-Ti_16', 'dense'], ['ViT-Ti_16', 'dense+attention'],
+      ['ViT-Ti_16', 'train step']]
