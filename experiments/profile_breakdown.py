@@ -9,11 +9,10 @@ the model code it came from (the op_name metadata JAX attaches to each HLO
 op). A thunk's time is split evenly among the thunks running at the same
 moment, so the rows add up to the step's wall time even though XLA runs
 independent thunks side by side. XLA:CPU also runs some matmuls (`dot`
-thunks) in the background: their work is counted in the thunks that run
-meanwhile, so read single ops' times with care; the matmul total is close
-(the backward's weight-gradient dots mostly overlap its input-gradient
-matmuls). Backward ops are those JAX emitted under
-`transpose(jvp(...))`. Prints a table by kind (dense matmuls, attention
+thunks, the backward's weight gradients) in the background: their work is
+counted in whatever thunk runs meanwhile, so this finds the ops but skews the
+split between kinds; `matmul_chain.py` measures that split by subtraction.
+Backward ops are those JAX emitted under `transpose(jvp(...))`. Prints a table by kind (dense matmuls, attention
 matmuls, softmax, normalisation, ...) and the --top single ops.
 """
 import argparse
