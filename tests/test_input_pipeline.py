@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import runs
+from vit_jax import augment
 from vit_jax import data_sources
 from vit_jax import input_pipeline as ip
 from vit_jax import preprocess
@@ -441,12 +442,12 @@ def test_inception_crop_area_and_aspect_bounds():
 
 def test_randaugment_range_and_determinism():
   image = tf.cast(tf.reshape(tf.range(32 * 32 * 3) % 256, [32, 32, 3]), tf.float32)
-  outs = [preprocess.randaugment(image, tf.constant([s, 1]), 2, 10) for s in range(40)]
+  outs = [augment.randaugment(image, tf.constant([s, 1]), 2, 10) for s in range(40)]
   for out in outs:
     assert out.shape == (32, 32, 3)
     assert 0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255
   np.testing.assert_array_equal(
-      outs[3], preprocess.randaugment(image, tf.constant([3, 1]), 2, 10))
+      outs[3], augment.randaugment(image, tf.constant([3, 1]), 2, 10))
   distinct = {np.asarray(o).tobytes() for o in outs}
   assert len(distinct) > 20  # Different ops/signs per seed.
 
@@ -456,13 +457,13 @@ def test_cutmix_label_weight_is_kept_area():
   images = tf.broadcast_to(values[:, None, None, None], [4, 16, 16, 3])
   labels = tf.one_hot(tf.range(4), 4)
   for s in range(10):
-    mixed, mixed_labels = preprocess.mix_batch(images, labels, tf.constant([s, 0]),
+    mixed, mixed_labels = augment.mix_batch(images, labels, tf.constant([s, 0]),
                                                cutmix_alpha=1.0)
     for i in range(4):
       own = float(tf.reduce_mean(tf.cast(mixed[i] == values[i], tf.float32)))
       np.testing.assert_allclose(mixed_labels[i, i], own, atol=1e-6)
       np.testing.assert_allclose(mixed_labels[i, (i - 1) % 4], 1 - own, atol=1e-6)
-    mixed, mixed_labels = preprocess.mix_batch(images, labels, tf.constant([s, 0]),
+    mixed, mixed_labels = augment.mix_batch(images, labels, tf.constant([s, 0]),
                                                mixup_alpha=0.4)
     lam = mixed_labels[0, 0]
     np.testing.assert_allclose(mixed[0, 0, 0, 0], lam * 10 + (1 - lam) * 40,
@@ -544,7 +545,7 @@ def test_crop_min_area_bounds_the_inception_crop():
   candidates = (whole, whole[:, ::-1])
 
   def crops(min_area):
-    return [np.asarray(preprocess.train_image(data, tf.constant([s, 0]),
+    return [np.asarray(augment.train_image(data, tf.constant([s, 0]),
                                               (32, 32), crop_min_area=min_area))
             for s in range(8)]
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import tensorflow as tf
 
+from vit_jax import augment
 from vit_jax import data_sources
 from vit_jax import device_feed
 from vit_jax import preprocess  # Also hides GPUs from TensorFlow.
@@ -127,21 +128,21 @@ def train_dataset(src, split: str, *, local_batch: int,
     mine = tf.constant([r in rows for r in range(stride)])
     ds = ds.filter(lambda index, ex: tf.gather(mine, index % stride))
 
-  def augment(index, ex):
+  def example(index, ex):
     seed = tf.random.experimental.stateless_fold_in(example_key, index)
-    return {'image': preprocess.train_image(_read(src, ex)['image'], seed,
-                                            size, randaugment, crop_min_area),
+    return {'image': augment.train_image(_read(src, ex)['image'], seed,
+                                         size, randaugment, crop_min_area),
             'label': preprocess.one_hot(ex['label'], src.num_classes)}
 
-  ds = ds.map(augment, num_parallel_calls=num_parallel_calls)
+  ds = ds.map(example, num_parallel_calls=num_parallel_calls)
   ds = ds.batch(local_batch, drop_remainder=True)
 
   def mix(step, batch):  # Seeded by the batch index, so resumable too.
     # With global_order every process draws the same weight/box for a step,
     # but partners (a roll of the batch) wrap within each process's rows.
     seed = tf.random.experimental.stateless_fold_in(mix_key, step)
-    image, label = preprocess.mix_batch(batch['image'], batch['label'], seed,
-                                        mixup_alpha, cutmix_alpha)
+    image, label = augment.mix_batch(batch['image'], batch['label'], seed,
+                                     mixup_alpha, cutmix_alpha)
     return {'image': image, 'label': label}
 
   if mixup_alpha > 0 or cutmix_alpha > 0:
