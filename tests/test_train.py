@@ -38,7 +38,7 @@ def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
                                          'mesh.fsdp_min_size': 1024})
   setup = train.create_setup(config)
   tx = train.optim.create_optimizer(config, setup.total_steps)
-  state, _ = train.create_train_state(setup, tx)
+  state, _, _ = train.create_train_state(setup, tx)
   mlp = state['params']['Transformer']['encoderblock_0']['MlpBlock_0']
   kernel = mlp['Dense_0']['kernel']  # (32, 64): largest divisible dim is 64
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
@@ -177,7 +177,7 @@ def test_fine_tune_with_a_fresh_position_embedding(
                             **{'pretrained.path': str(pretrained_workdir),
                           'pretrained.posemb_method': 'reinit'})
   setup = train.create_setup(config)
-  state, _ = train.create_train_state(
+  state, _, _ = train.create_train_state(
       setup, train.optim.create_optimizer(config, 1))
   source = runs.final_params(pretrained_workdir)
   params = jax.device_get(state['params'])
@@ -186,7 +186,7 @@ def test_fine_tune_with_a_fresh_position_embedding(
       source['Transformer']['encoder_norm']['scale'])
   scratch = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1)
   scratch_setup = train.create_setup(scratch)
-  fresh, _ = train.create_train_state(
+  fresh, _, _ = train.create_train_state(
       scratch_setup, train.optim.create_optimizer(scratch, 1))
   posemb = lambda p: p['Transformer']['posembed_input']['pos_embedding']
   assert posemb(params).shape == (1, 37, 32)

@@ -36,7 +36,6 @@ class Setup:
   info: input_pipeline.DatasetInfo
   image_size: tuple[int, int]
   total_steps: int
-  adaptation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def create_setup(config: ml_collections.ConfigDict) -> Setup:
@@ -71,12 +70,13 @@ def abstract_train_state(setup: Setup, tx: optax.GradientTransformation
 
 
 def create_train_state(setup: Setup, tx: optax.GradientTransformation
-                       ) -> tuple[State, Any]:
-  """The initial state, created directly with its shardings (no host copy).
+                       ) -> tuple[State, Any, dict[str, Any] | None]:
+  """(initial state, its shardings, adaptation record or None).
 
-  With config.pretrained.path the parameters come from those weights,
-  adapted to this model (new head, position embedding resized to the new
-  grid).
+  The state is created directly with its shardings (no host copy). With
+  config.pretrained.path the parameters come from those weights, adapted to
+  this model (new head, position embedding resized to the new grid), and the
+  record says what was adapted.
   """
   config = setup.config
   init = train_state.make_init_fn(setup.model, tx, setup.image_size)
@@ -84,17 +84,17 @@ def create_train_state(setup: Setup, tx: optax.GradientTransformation
   rng = jax.random.key(config.seed)
   _, shardings = abstract_train_state(setup, tx)
   if not config.pretrained.path:
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
+    return jax.jit(init, out_shardings=shardings)(rng), shardings, None
   # Replicated, hence readable on every host, for the head's fresh init.
   fresh = jax.jit(init_params, out_shardings=sharding.replicated(setup.mesh))(
       rng)
   params, record = workdir_lib.pretrained_params(
       config.pretrained.path, jax.device_get(fresh), setup.model,
       setup.image_size, config.pretrained.posemb_method)
-  setup.adaptation.update(record)
   logging.info('Initialised from %s: %s', config.pretrained.path, record)
   params = jax.device_put(params, shardings['params'])
-  return jax.jit(init, out_shardings=shardings)(rng, params), shardings
+  return (jax.jit(init, out_shardings=shardings)(rng, params), shardings,
+          record)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -240,10 +240,10 @@ def _train_loop(setup: Setup, workdir: pathlib.Path,
     data_position = meta['data_position']
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
   else:
-    state, shardings = create_train_state(setup, tx)
-    if setup.adaptation and jax.process_index() == 0:
+    state, shardings, adaptation = create_train_state(setup, tx)
+    if adaptation and jax.process_index() == 0:
       (workdir / 'adaptation.json').write_text(
-          json.dumps(setup.adaptation, indent=2))
+          json.dumps(adaptation, indent=2))
 
   batch_sharding = sharding.batch_sharding(setup.mesh)
   train_step = jax.jit(make_train_step(setup, tx),
