@@ -3,7 +3,6 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -493,11 +492,10 @@ def test_two_processes(folder, tmp_path, request):
   worker = pathlib.Path(__file__).with_name('input_multiprocess_worker.py')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['PYTHONWARNINGS'] = 'ignore'
-  procs = [subprocess.Popen(
+  procs = [runs.start(
       [sys.executable, str(worker), str(i), '2', str(port), str(folder),
-       tfds_dir, str(tmp_path / f'out{i}.json')], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-  logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+       tfds_dir, str(tmp_path / f'out{i}.json')], env=env) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0][-3000:] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
   res = [json.loads((tmp_path / f'out{i}.json').read_text()) for i in range(2)]
   for r in res:

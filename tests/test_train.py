@@ -21,13 +21,13 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
   results = {}
   for name, data, fsdp in [('single', 1, 1), ('dp8', 8, 1), ('fsdp8', 1, 8)]:
     config = runs.tiny_config(tfds_data_dir, **{'mesh.data': data,
-                                           'mesh.fsdp': fsdp,
-                                           'mesh.fsdp_min_size': 256})
+                                                'mesh.fsdp': fsdp,
+                                                'mesh.fsdp_min_size': 256})
     results[name] = train.train_and_evaluate(config, tmp_path / name)
   assert len(runs.losses(results['single'])) == 6
   for name in ('dp8', 'fsdp8'):
-    np.testing.assert_allclose(runs.losses(results[name]), runs.losses(results['single']),
-                               rtol=2e-4)
+    np.testing.assert_allclose(runs.losses(results[name]),
+                               runs.losses(results['single']), rtol=2e-4)
     assert results[name]['eval_num_examples'] == 200
     assert abs(results[name]['eval_accuracy'] -
                results['single']['eval_accuracy']) <= 0.01
@@ -35,7 +35,7 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
 
 def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
   config = runs.tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
-                                         'mesh.fsdp_min_size': 1024})
+                                              'mesh.fsdp_min_size': 1024})
   setup = train.create_setup(config)
   tx = train.optim.create_optimizer(config, setup.total_steps)
   state, _, _ = train.create_train_state(setup, tx)
@@ -93,7 +93,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
   overrides = dict(total_steps=100000, checkpoint_every=100000)
   proc = runs.start(runs.cli(tfds_data_dir, tmp_path, **overrides))
   runs.wait_for(lambda: (tmp_path / 'events.out.tfevents').exists() or
-            list(tmp_path.glob('events.out.tfevents.*')), proc)
+                list(tmp_path.glob('events.out.tfevents.*')), proc)
   time.sleep(3)  # let it train a few steps
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=120)
@@ -175,7 +175,7 @@ def test_fine_tune_with_a_fresh_position_embedding(
     tfds_data_dir, pretrained_workdir, tmp_path):
   config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1,
                             **{'pretrained.path': str(pretrained_workdir),
-                          'pretrained.posemb_method': 'reinit'})
+                               'pretrained.posemb_method': 'reinit'})
   setup = train.create_setup(config)
   state, _, _ = train.create_train_state(
       setup, train.optim.create_optimizer(config, 1))
@@ -274,7 +274,8 @@ def test_cross_entropy_with_label_smoothing():
 
 def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
   f32 = train.train_and_evaluate(  # also periodic evaluation, last at step 4
-      runs.tiny_config(tfds_data_dir, total_steps=4, eval_every=2), tmp_path / 'f32')
+      runs.tiny_config(tfds_data_dir, total_steps=4, eval_every=2),
+      tmp_path / 'f32')
   assert f32['eval_num_examples'] == 200
   bf16 = train.train_and_evaluate(
       runs.tiny_config(tfds_data_dir, total_steps=4,
