@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
     cases['train step'] = (fn.lower(*abstract).compile(), make(), feed)
     times = {case: [] for case in cases}
     peaks = []
-    for i in range(args.rounds + 1):  # round 0 warms up
+    for _ in range(args.rounds + 1):  # round 0 warms up
       for case, (compiled, inputs, feed) in cases.items():
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(*inputs))
