@@ -5,17 +5,11 @@ config is locked: a misspelt field is an error).
 """
 import ml_collections
 
-# Every VisionTransformer field a config may override (bfloat16 compute:
-# --config.model.dtype=bfloat16; square patches as one int).
-MODEL_OPTIONS = {
-    'patch_size': int, 'hidden_size': int, 'num_layers': int,
-    'num_heads': int, 'mlp_dim': int, 'resnet_layers': tuple,
-    'resnet_width': int, 'classifier': str, 'representation_size': int,
-    'dropout_rate': float, 'attention_dropout_rate': float,
-    'stochastic_depth': float, 'head_bias_init': float,
-    'attention_impl': str, 'remat_policy': str, 'scan_layers': bool,
-    'dtype': str, 'param_dtype': str,
-}
+from vit_jax import models
+
+# Every VisionTransformer option a config may override, with its type
+# (bfloat16 compute: --config.model.dtype=bfloat16; square patches as one int).
+MODEL_OPTIONS = models.option_types()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -79,13 +73,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host: set coordinator_address (or $JAX_COORDINATOR_ADDRESS), or
   # auto=True where JAX detects the cluster (TPU pods, SLURM, ...). If a
   # process dies, the others abort once it has missed heartbeats this long.
+  # Each process waits at most wait_s for the others to start.
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address='', num_processes=1, process_id=0, auto=False,
-      heartbeat_timeout_s=100))
+      heartbeat_timeout_s=100, wait_s=300))
 
   # Bookkeeping.
   config.log_every = 50
   config.eval_every = 0  # 0: evaluate at the end only
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  # Resuming refuses a config that differs from the checkpoint's in fields
+  # that change what the state means; name the changes to accept here,
+  # comma-separated ('total_steps', 'optimizer.*'). See vit_jax.runs.resume.
+  config.resume_accept = ''
   return config

@@ -45,7 +45,8 @@ def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.05
-  config.schedule.warmup_steps = steps // 20
+  # 5 % of the run, also when --config.total_steps changes it.
+  config.schedule.warmup_steps = config.get_ref('total_steps') // 20
   config.label_smoothing = 0.1
   config.log_every = 50
   config.checkpoint_every = 500

@@ -7,7 +7,7 @@
 Every combination of the comma-separated --models, --batch, --resolution,
 --dtype, --mode, --remat_policy, --attention_impl and the ";"-separated --xla
 option sets is one case. `train` is the
-trainer's own step (`vit_jax.train.make_train_step`: loss, gradients, global
+trainer's own step (`vit_jax.training.steps.make_train_step`: loss, gradients, global
 norm clipping and the optimizer update, donated state); `infer` is
 `model.apply(train=False)`. Each case is compiled once (lowering and XLA
 compile timed apart, peak memory from the compiled executable's
@@ -42,9 +42,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs import common  # noqa: E402
 from vit_jax import models  # noqa: E402
-from vit_jax import optim  # noqa: E402
-from vit_jax import train  # noqa: E402
-from vit_jax import train_state  # noqa: E402
+from vit_jax.training import optim  # noqa: E402
+from vit_jax.training import state as train_state  # noqa: E402
+from vit_jax.training import steps  # noqa: E402
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Large enough to reach the backend's matmul peak, small enough to be quick.
@@ -95,10 +95,12 @@ def build_case(args, model_name: str, mode: str, batch: int, res: int,
     return fn, inputs, make, None
   config = trainer_config(args, model_name, batch)
   total_steps = 10_000
-  tx = optim.create_optimizer(config, total_steps)
-  setup = train.Setup(config, None, model, None, (res, res), total_steps)
+  schedule = optim.create_schedule(config, total_steps)
+  tx = optim.create_optimizer(config, schedule)
   init = train_state.make_init_fn(model, tx, (res, res))
-  fn = jax.jit(train.make_train_step(setup, tx), donate_argnums=0)
+  fn = jax.jit(steps.make_train_step(
+      model, tx, schedule, label_smoothing=config.label_smoothing),
+               donate_argnums=0)
   labels = jax.ShapeDtypeStruct((batch, 1000), jnp.float32)
   batch_of = lambda: {'image': jnp.zeros(images.shape),
                       'label': jax.nn.one_hot(jnp.zeros(batch, jnp.int32),

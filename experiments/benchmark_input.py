@@ -21,8 +21,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from vit_jax import data_sources  # noqa: E402
-from vit_jax import input_pipeline as ip  # noqa: E402
+from vit_jax.data import sources as data_sources  # noqa: E402
+from vit_jax.data import pipeline as ip  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def host_stream(dataset: str, split: str, data_dir, batch: int, size: int,
   src = data_sources.open_source(dataset, data_dir, None)
   ds = ip.train_dataset(
       src, split, local_batch=batch, size=(size, size), seed=0,
-      start_position=0, process_index=0, process_count=1,
+      start_example=0, process_index=0, process_count=1,
       randaugment=kw.get('randaugment'), mixup_alpha=0.0, cutmix_alpha=0.0,
       shuffle_buffer=10_000, num_parallel_calls=-1)
   return ds.prefetch(2).as_numpy_iterator()

@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import benchmark  # noqa: E402
-from vit_jax import model_registry  # noqa: E402
+from vit_jax.models import registry as model_registry  # noqa: E402
 
 
 def matmul_chain(arch: dict, batch: int, resolution: int, attention: bool):

@@ -76,7 +76,7 @@ def flat_leaves(tree) -> dict[str, np.ndarray]:
 
 
 def main(directory: str, expected_path: str, num_devices: int) -> None:
-  from vit_jax import state_checkpoint
+  from vit_jax.runs import state_checkpoint
   assert jax.device_count() == num_devices, jax.devices()
   mesh = Mesh(np.array(jax.devices()), ('data',))
   ckpt = state_checkpoint.StateCheckpointer(directory)

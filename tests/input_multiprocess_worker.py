@@ -45,7 +45,7 @@ def main():
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=int(nproc),
                              process_id=int(pid))
-  from vit_jax import input_pipeline as ip  # After jax.distributed.
+  from vit_jax.data import pipeline as ip  # After jax.distributed.
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   sharding = NamedSharding(mesh, P('data'))
   result = {'process_count': jax.process_count(),
@@ -73,7 +73,7 @@ def main():
     result['train_label_shape'] = list(b['label'].shape)
   result['train_values'] = values
   result['train_local_values'] = local_values
-  result['train_position'] = it.position
+  result['train_examples'] = it.examples
 
   if tfds_dir:
     rows, n = eval_fingerprints('cifar10', 'test[:203]', tfds_dir, 16, 32,
@@ -84,7 +84,7 @@ def main():
               image_size=32, sharding=sharding, seed=5, global_order=True)
     it = ip.train_iterator('cifar10', **kw)
     batches = [next(it) for _ in range(3)]
-    resumed = next(ip.train_iterator('cifar10', start_position=2, **kw))
+    resumed = next(ip.train_iterator('cifar10', start_example=2 * 16, **kw))
     np.savez(out.replace('.json', '.npz'),
              image=[gather(b['image']) for b in batches],
              label=[gather(b['label']) for b in batches],

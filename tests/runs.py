@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from configs import pretrain
-from vit_jax import workdir as vit_workdir
+from vit_jax.sources import workdir as vit_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tiny model on a slice of real CIFAR-10: seconds per run on 2 cores.

@@ -58,7 +58,7 @@ def test_harness_reports_every_case_with_the_model_flops(tmp_path):
 def test_matmul_chain_runs_exactly_the_step_matmuls(capsys):
   sys.path.insert(0, str(REPO / 'experiments'))
   import matmul_chain
-  from vit_jax import model_registry
+  from vit_jax.models import registry as model_registry
   arch = model_registry.get_model_config('ViT-Ti_16')
   rows, width, mlp, layers = 2 * 5, 192, 768, 12  # batch 2 at 32 px: 5 tokens
   dense = 3 * 2 * rows * (4 * width * width + 2 * width * mlp) * layers

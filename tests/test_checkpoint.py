@@ -17,9 +17,10 @@ import pytest
 import scipy.ndimage
 
 from vit_jax import checkpoint
+from vit_jax.checkpoint import arrays
 from vit_jax import models
-from vit_jax import posemb as posemb_lib
-from vit_jax import state_checkpoint
+from vit_jax.checkpoint import posemb as posemb_lib
+from vit_jax.runs import state_checkpoint
 
 _WORKER_PATH = pathlib.Path(__file__).with_name('checkpoint_worker.py')
 _spec = importlib.util.spec_from_file_location('checkpoint_worker', _WORKER_PATH)
@@ -74,7 +75,7 @@ def logits(model, params, size=(32, 32), n=2):
 
 
 def flat(tree):
-  return checkpoint.flatten(tree)
+  return arrays.flatten(tree)
 
 
 def assert_trees_equal(a, b):
@@ -110,7 +111,7 @@ def to_big_vision_file(params, stacked=False):
     pe = pe[:, 1:]
   f['pos_embedding'] = pe
   if stacked:
-    f = flat(models.stack_encoder_blocks(checkpoint.unflatten(f)))
+    f = flat(models.stack_encoder_blocks(arrays.unflatten(f)))
   out = {'params/' + k: np.asarray(v) for k, v in f.items()}
   out['opt/state/count'] = np.int32(3)  # must be ignored
   return out
@@ -482,8 +483,7 @@ def test_orbax_restore_in_processes_with_1_and_4_devices(tmp_path):
     ckpt.save(7, state, {'data_position': 55})
   expected = tmp_path / 'expected.npz'
   np.savez(expected, **worker.flat_leaves(state))
-  env = {**os.environ, 'PYTHONPATH': str(pathlib.Path(checkpoint.__file__)
-                                         .parents[1])}
+  env = {**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).parents[1])}
   for devices in (1, 4):
     run = subprocess.run(
         [sys.executable, str(_WORKER_PATH), str(tmp_path / 'ckpt'),
@@ -590,8 +590,8 @@ def test_restore_reports_tree_mismatch(tmp_path):
       ckpt.restore(wrong)  # no silent fall-back to step 1 either
   message = str(err.value)
   assert f'{tmp_path}/2 does not match' in message
-  assert 'requested but not on disk (1): extra' in message
-  assert 'on disk but not requested (1): step' in message
+  assert 'requested but not on disk (1):\n    extra' in message
+  assert 'on disk but not requested (1):\n    step' in message
   assert 'w: on disk (4, 2) vs requested (3, 2)' in message
 
 

@@ -14,10 +14,10 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import runs
-from vit_jax import augment
-from vit_jax import data_sources
-from vit_jax import input_pipeline as ip
-from vit_jax import preprocess
+from vit_jax.data import augment
+from vit_jax.data import sources as data_sources
+from vit_jax.data import pipeline as ip
+from vit_jax.data import preprocess
 
 TRAIN_VALUES = {'Dog': range(20, 84, 8), 'cat': range(84, 148, 8),
                 'zebra': range(148, 212, 8)}  # 24 train images, 8 per class.
@@ -116,7 +116,7 @@ def test_folder_train_epochs_cover_every_image_once(folder):
     assert labels == [cls_of[v] for v in near]
     epochs.append(near)
   assert epochs[0] != epochs[1]  # Reshuffled each epoch.
-  assert it.position == 6
+  assert it.examples == 6 * 8
 
 
 @pytest.mark.parametrize('num_devices,batch', [(1, 5), (8, 8)])
@@ -214,20 +214,29 @@ def test_cifar_train_deterministic_and_resumable(tfds_data_dir):
   other = _take(_cifar_train(tfds_data_dir, seed=1), 1)
   assert not np.array_equal(other[0]['image'], full[0]['image'])
   for start in (5, 12, 13):
-    it = _cifar_train(tfds_data_dir, start_position=start)
-    assert it.position == start
+    it = _cifar_train(tfds_data_dir, start_example=start * 16)
+    assert it.examples == start * 16
     resumed = _take(it, 16 - start)
-    assert it.position == 16
+    assert it.examples == 16 * 16
     for a, b in zip(full[start:], resumed):
       np.testing.assert_array_equal(a['image'], b['image'])
       np.testing.assert_array_equal(a['label'], b['label'])
+  # Positions count examples: a run resumed with batch 8 instead of 16 goes
+  # on with the very next examples, across the epoch boundary too.
+  for start in (5, 12):
+    smaller = _take(_cifar_train(tfds_data_dir, global_batch_size=8,
+                                 start_example=start * 16), 2)
+    for half, batch in enumerate(smaller):
+      rows = slice(8 * half, 8 * half + 8)
+      np.testing.assert_array_equal(batch['image'], full[start]['image'][rows])
+      np.testing.assert_array_equal(batch['label'], full[start]['label'][rows])
 
 
 def test_cifar_randaugment_mixup_cutmix(tfds_data_dir):
   kw = dict(randaugment=(2, 15), mixup_alpha=0.2, cutmix_alpha=1.0,
             image_size=48)
   batches = _take(_cifar_train(tfds_data_dir, **kw), 6)
-  resumed = _take(_cifar_train(tfds_data_dir, start_position=4, **kw), 2)
+  resumed = _take(_cifar_train(tfds_data_dir, start_example=4 * 16, **kw), 2)
   np.testing.assert_array_equal(batches[4]['image'], resumed[0]['image'])
   plain = _take(_cifar_train(tfds_data_dir, image_size=48), 1)[0]
   assert not np.array_equal(plain['image'], batches[0]['image'])
@@ -247,8 +256,10 @@ def _stream(src, split, n, *, local_batch, process_index=0, process_count=1,
   args = dict(size=(32, 32), seed=0, randaugment=None, mixup_alpha=0.0,
               cutmix_alpha=0.0, shuffle_buffer=64,
               num_parallel_calls=tf.data.AUTOTUNE)
+  per_batch = local_batch * (process_count if kw.get('global_order') else 1)
   ds = ip.train_dataset(src, split, local_batch=local_batch,
-                        start_position=start, process_index=process_index,
+                        start_example=start * per_batch,
+                        process_index=process_index,
                         process_count=process_count, **{**args, **kw})
   return list(itertools.islice(ds.as_numpy_iterator(), n))
 
@@ -404,7 +415,12 @@ class VitJaxTestUnpreparable(VitJaxTestTiny):
 
 
 def test_unpreparable_dataset_raises_with_a_hint(tmp_path):
-  with pytest.raises(RuntimeError, match='not prepared.*ConnectionError.*data_dir='):
+  # What is missing where comes first, the download's own failure after it.
+  with pytest.raises(ValueError, match=(
+      r"TFDS dataset 'vit_jax_test_unpreparable' is not prepared under "
+      r'--config.data_dir.*no vit_jax_test_unpreparable/1.0.0/dataset_info'
+      r'.json in .*ConnectionError: no internet.*Point --config.data_dir at '
+      r'a prepared copy')):
     ip.get_dataset_info('vit_jax_test_unpreparable', str(tmp_path))
 
 
@@ -504,7 +520,7 @@ def test_two_processes(folder, tmp_path, request):
     assert folder_rows == sorted((l, v) for v, l in _test_labels().items())
     assert r['folder_eval']['batches'] == 5  # ceil(max(19, 18) / 4).
     assert r['train_shape'] == [8, 8, 8, 3] and r['train_label_shape'] == [8, 4]
-    assert r['train_position'] == 3
+    assert r['train_examples'] == 3 * 8
     assert r['errors']['odd_processes'] and 'number of processes (2)' in \
         r['errors']['odd_processes']
     assert 'not divisible by the 8 devices' in r['errors']['odd_devices']

@@ -13,10 +13,11 @@ import pytest
 
 from configs import pretrain
 from vit_jax import checkpoint
-from vit_jax import inspection
-from vit_jax import model_sources
+from vit_jax.evaluation import inspection
+from vit_jax import sources
+from vit_jax.sources import export
 from vit_jax import models
-from vit_jax import train
+from vit_jax.training import trainer as train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
@@ -195,11 +196,15 @@ def run_cli(*args, returncode=0) -> subprocess.CompletedProcess:
   return proc
 
 
-def test_cli_help_and_usage_errors():
-  # absl's --help exits with status 1 after printing the flags.
-  assert '--per_layer' in run_cli('--help', returncode=1).stdout
-  proc = run_cli('--out=/tmp/never_written', returncode=1)
-  assert 'Pass exactly one of --workdir, --export or --npz' in proc.stderr
+def test_cli_help_and_usage_errors(tmp_path):
+  assert '--per_layer' in run_cli('--help', returncode=0).stdout
+  proc = run_cli('--output=/tmp/never_written', returncode=2)
+  assert proc.stderr.startswith('error: --model is required.')
+  proc = run_cli(f'--model={tmp_path}', f'--output={tmp_path / "out"}',
+                 returncode=2)
+  assert proc.stderr.startswith(f'error: --model={tmp_path} is neither a '
+                                'training workdir')
+  assert 'Traceback' not in proc.stderr
 
 
 @pytest.fixture(scope='module')
@@ -233,8 +238,8 @@ def test_cli_on_a_tiny_random_model_writes_every_figure(
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)))['params']
   checkpoint.save_npz(tmp_path / 'params.npz', params)
   out = tmp_path / 'out'
-  proc = run_cli(f'--npz={tmp_path}', f'--model_name={name}',
-                 '--image_size=32,48', f'--images={photos}', f'--out={out}',
+  proc = run_cli(f'--model={tmp_path}', f'--model_name={name}',
+                 '--image_size=32,48', str(photos), f'--output={out}',
                  '--per_layer', '--batch_size=2', '--num_show=3')
   assert {p.name for p in out.glob('*.png')} == pngs
   arrays = np.load(out / 'arrays.npz')
@@ -265,8 +270,8 @@ def test_cli_from_a_trained_workdir_on_real_photos(tfds_data_dir,
   config.model.update(dict(TINY, patch_size=8, scan_layers=True))
   train.train_and_evaluate(config, tmp_path / 'work')
   out = tmp_path / 'out'
-  run_cli(f'--workdir={tmp_path / "work"}', f'--images={imagenet_samples}',
-          '--max_images=12', '--image_size=32,64', f'--out={out}')
+  run_cli(f'--model={tmp_path / "work"}', str(imagenet_samples),
+          '--max_images=12', '--image_size=32,64', f'--output={out}')
   arrays = np.load(out / 'arrays.npz')
   assert arrays['rollout'].shape == (12, 4, 8)  # posemb resized 4x4 -> 4x8
   assert 'per_layer' not in arrays.files
@@ -274,19 +279,23 @@ def test_cli_from_a_trained_workdir_on_real_photos(tfds_data_dir,
       'attention_per_layer.png'}
 
 
-def test_cli_from_an_export(photos, tmp_path):
-  export = pytest.importorskip('vit_jax.export')
+def test_cli_from_an_export_reports_bad_photos_and_goes_on(photos, tmp_path):
   model = models.create_model('ViT-Ti_16', 10, patch_size=8, **TINY)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   checkpoint.save_npz(tmp_path / 'tiny.npz', params)
   labels = tmp_path / 'labels.txt'
   labels.write_text(''.join(f'thing{i}\n' for i in range(10)))
-  export.export(model_sources.from_npz(tmp_path / 'tiny.npz', 'ViT-Ti_16',
+  export.write_export(sources.from_npz(tmp_path / 'tiny.npz', 'ViT-Ti_16',
                                        labels=labels),
-                tmp_path / 'export', 'tiny', formats=('npz',))
+                      tmp_path / 'export', 'tiny', formats=('npz',))
+  broken = tmp_path / 'broken.png'
+  broken.write_bytes(b'\x89PNG\r\n not really')
   out = tmp_path / 'out'
-  run_cli(f'--export={tmp_path / "export"}', f'--images={photos}',
-          f'--out={out}')
+  proc = run_cli(f'--model={tmp_path / "export"}', str(photos), str(broken),
+                 f'--output={out}', returncode=1)
+  assert f'error: {broken}: ' in proc.stderr
+  assert 'error: 1 of 6 image file(s) could not be read.' in proc.stderr
   arrays = np.load(out / 'arrays.npz')
-  assert arrays['rollout'].shape == (5, 4, 4)
+  assert arrays['rollout'].shape == (5, 4, 4)  # the five good photos
+  assert str(broken) not in arrays['image_files']
   assert (out / 'attention_rollout.png').exists()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import layers
+from vit_jax.models import layers
 from vit_jax import models
 
 # Parameter counts at 224px, 1000 classes (the paper's and Google's numbers).
@@ -279,7 +279,7 @@ def test_resolution_mismatch_with_params_is_explained():
 
 def test_unknown_model_name_lists_close_matches():
   with pytest.raises(ValueError, match=r"Unknown model name 'ViT-B16'.*"
-                     r"Did you mean ViT-B_16"):
+                     r"Did you mean 'ViT-B_16'"):
     models.create_model('ViT-B16', 10)
 
 

@@ -6,8 +6,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from vit_jax import optim
-from vit_jax import sharding
+from vit_jax.parallel import mesh as sharding
+from vit_jax.training import config as config_lib
+from vit_jax.training import optim
 
 
 def config_with(**overrides):
@@ -44,7 +45,7 @@ def test_adamw_decays_kernels_only():
   config = config_with(optimizer__name='adamw', optimizer__weight_decay=0.5,
                        schedule__name='constant', schedule__warmup_steps=0)
   config.grad_clip_norm = 0.0
-  tx = optim.create_optimizer(config, 10)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, 10))
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   np.testing.assert_allclose(updates['dense']['kernel'], -0.1 * 0.5)
@@ -58,7 +59,7 @@ def test_sgd_momentum_with_bfloat16_accumulator_and_clipping():
   config = config_with(optimizer__accumulator_dtype='bfloat16',
                        schedule__name='constant', schedule__warmup_steps=0)
   config.grad_clip_norm = 1.0
-  tx = optim.create_optimizer(config, 10)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, 10))
   state = tx.init(params)
   momentum = [x for x in jax.tree.leaves(state) if x.shape == (4,)]
   assert momentum and all(x.dtype == jnp.bfloat16 for x in momentum)
@@ -73,7 +74,7 @@ def test_sgd_momentum_with_bfloat16_accumulator_and_clipping():
 ])
 def test_unknown_names(field, value, match):
   with pytest.raises(ValueError, match=match):
-    optim.check_config(config_with(**{field: value}))
+    config_lib.check(config_with(**{field: value}))
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dimension():
@@ -102,17 +103,20 @@ def test_mesh_errors_name_the_sizes():
 ])
 def test_shipped_configs_build_model_and_optimizer(module, arg):
   import importlib  # pylint: disable=g-import-not-at-top
-  from vit_jax import models, train_utils  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config_lib.check(config)
+  config_lib.check_steps(config, config.total_steps)
   model = models.create_model(config.model_name, 10,
-                              **train_utils.model_overrides(config.model))
-  model.check_input_shape((1, *train_utils.pair(config.image_size), 3))
-  tx = optim.create_optimizer(config, config.total_steps)
+                              **models.options_from_json(config.model))
+  size = (config.image_size, config.image_size)
+  model.check_input_shape((1, *size, 3))
   schedule = optim.create_schedule(config, config.total_steps)
+  tx = optim.create_optimizer(config, schedule)
   assert schedule(config.schedule.warmup_steps) == pytest.approx(
       config.optimizer.learning_rate, rel=1e-3)
   params = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, *train_utils.pair(config.image_size), 3)))
+                          jnp.zeros((1, *size, 3)))
   jax.eval_shape(tx.init, params['params'])
   assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
 
@@ -127,7 +131,7 @@ def test_freeze_and_lr_multipliers_group_parameters():
                        optimizer__lr_multipliers='encoderblock_0/:0.1',
                        schedule__name='constant', schedule__warmup_steps=0)
   config.grad_clip_norm = 0.0
-  tx = optim.create_optimizer(config, 10)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, 10))
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates['head']['kernel'], -0.1)
@@ -144,7 +148,7 @@ def test_linear_probe_clips_on_the_head_gradient_only():
                        optimizer__freeze='^(?!head/)',
                        schedule__name='constant', schedule__warmup_steps=0)
   config.grad_clip_norm = 1.0
-  tx = optim.create_optimizer(config, 10)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, 10))
   grads = {'head': {'kernel': jnp.array([0.3, 0.4])},
            'body': {'kernel': jnp.array([100.0, 100.0])}}
   updates, state = tx.update(grads, tx.init(params), params)
@@ -161,4 +165,4 @@ def test_linear_probe_clips_on_the_head_gradient_only():
 ])
 def test_bad_group_patterns(field, value, match):
   with pytest.raises(ValueError, match=match):
-    optim.check_config(config_with(**{field: value}))
+    config_lib.check(config_with(**{field: value}))

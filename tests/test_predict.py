@@ -14,11 +14,12 @@ from PIL import Image
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import export
-from vit_jax import images
-from vit_jax import model_sources
 from vit_jax import models
 from vit_jax import predict
+from vit_jax import sources
+from vit_jax.serving import classifier as classifier_lib
+from vit_jax.serving import images
+from vit_jax.sources import export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def _photos(folder: pathlib.Path, n: int, step: int = 37) -> list[pathlib.Path]:
 def test_numpy_preprocessing_matches_training_eval_on_real_photos(
     imagenet_samples, mode):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from vit_jax import preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   sizes = {(photo.size[1], photo.size[0]) for photo in map(
       Image.open, _photos(imagenet_samples, 24))}
   assert len(sizes) > 5  # varied shapes, portrait and landscape
@@ -76,6 +77,21 @@ def test_load_rgb_handles_modes_formats_and_exif(imagenet_samples, tmp_path):
   photo.save(tmp_path / 'rotated.jpg', exif=exif, quality=95)
   upright = images.load_rgb(tmp_path / 'rotated.jpg')
   assert upright.shape == (photo.size[0], photo.size[1], 3)
+  # A 16-bit TIFF reads like the 16-bit PNG (the high byte of each sample).
+  Image.fromarray(np.asarray(variants['gray16.png'])).save(
+      tmp_path / 'gray16.tif')
+  np.testing.assert_array_equal(images.load_rgb(tmp_path / 'gray16.tif'),
+                                images.load_rgb(tmp_path / 'gray16.png'))
+  # 32-bit integer and float pixels have no 0..255 meaning: one clear error,
+  # not black or white pictures.
+  grey = np.asarray(photo.convert('L'))
+  Image.fromarray(grey.astype(np.int32)).save(tmp_path / 'int32.tif')
+  Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / 'float.tif')
+  for name, kind in (('int32.tif', '32-bit integer'),
+                     ('float.tif', 'floating-point')):
+    with pytest.raises(images.UnsupportedImageError,
+                       match=f'{kind} pixels .* no standard mapping'):
+      images.load_rgb(tmp_path / name)
 
 
 @pytest.fixture(scope='module')
@@ -127,8 +143,8 @@ def test_predict_npz_on_real_photos_prints_label_names_and_reports_bad_files(
   bad = {str(photo_folder / name)
          for name in ('truncated.JPEG', 'notes.jpg', 'empty.png')}
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert {l.split(': ')[1] for l in errors} == bad
-  assert '3 of 22 file(s) could not be read' in result.stderr
+  assert errors[-1] == 'error: 3 of 22 file(s) could not be read.'
+  assert {l.split(': ')[1] for l in errors[:-1]} == bad
   header, *rows = result.stdout.splitlines()
   assert header.split() == ['image', 'top-1', 'top-2', 'top-3']
   assert len(rows) == 19
@@ -151,15 +167,14 @@ def test_predict_npz_on_real_photos_prints_label_names_and_reports_bad_files(
 
 def test_predict_export_runs_stablehlo_without_model_code(
     imagenet_npz, imagenet_samples, photo_folder, tmp_path):
-  export.export(model_sources.from_npz(
+  export.write_export(sources.from_npz(
       imagenet_npz, 'ViT-Ti_16', resize='resize_crop',
       labels=imagenet_samples / 'tfds_imagenet2012_labels.txt'),
       tmp_path / 'export', 'tiny', platforms=('cpu',))
   # In-process with model code, as the reference.
   reference = io.StringIO()
   failed = predict.predict_files(
-      predict.load_classifier(str(tmp_path / 'export' / 'tiny.card.json'),
-                              model_name=None),
+      sources.classifier(sources.load(tmp_path / 'export')),
       images.list_images([photo_folder]), k=5, output_format='jsonl',
       out=reference, err=io.StringIO())
   assert failed == 3
@@ -209,12 +224,21 @@ def test_predict_export_runs_stablehlo_without_model_code(
     (['--model={npz}', '--model_name=ViT-Ti_16', '--format=xml'],
      "--format=xml: value should be one of <table|jsonl>"),
     (['--model={npz}', '--model_name=ViT-Ti_16', '--top_k=0'], 'top_k'),
+    (['--model={export}', '--step=3'], '--step does not apply to --model='),
+    (['--model={export}', '--image_size=96'],
+     '--image_size does not apply to --model='),
+    (['--model={export}', '--model_name=ViT-B_16'],
+     '--model_name does not apply to --model='),
 ])
 def test_usage_errors_exit_2_naming_the_value(imagenet_npz, imagenet_samples,
                                               tmp_path, args, message):
   labels = tmp_path / 'labels.txt'
   labels.write_text('only one\n')
-  args = [a.format(npz=imagenet_npz, labels=labels) for a in args]
+  if any('{export}' in a for a in args):
+    export.write_export(sources.from_npz(imagenet_npz, 'ViT-Ti_16'),
+                        tmp_path / 'export', 'tiny', platforms=('cpu',))
+  args = [a.format(npz=imagenet_npz, labels=labels, export=tmp_path / 'export')
+          for a in args]
   photo = str(_photos(imagenet_samples, 1)[0])
   result = _predict(*args, photo)
   assert result.returncode == 2, result.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import runs
-from vit_jax import train
+from vit_jax.training import trainer as train
 
 
 def _checkpoint_dir_entries(workdir) -> list[str]:

@@ -10,10 +10,13 @@ import pytest
 
 import runs
 from vit_jax import checkpoint
-from vit_jax import input_pipeline
-from vit_jax import train
-from vit_jax import train_utils
-from vit_jax import workdir as vit_workdir
+from vit_jax.data import pipeline as input_pipeline
+from vit_jax.evaluation import classification
+from vit_jax.sources import workdir as vit_workdir
+from vit_jax.training import guards
+from vit_jax.training import optim
+from vit_jax.training import progress as progress_lib
+from vit_jax.training import trainer as train
 
 
 def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
@@ -37,8 +40,7 @@ def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
   config = runs.tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
                                               'mesh.fsdp_min_size': 1024})
   setup = train.create_setup(config)
-  tx = train.optim.create_optimizer(config, setup.total_steps)
-  state, _, _ = train.create_train_state(setup, tx)
+  state, _, _ = train.create_train_state(setup)
   mlp = state['params']['Transformer']['encoderblock_0']['MlpBlock_0']
   kernel = mlp['Dense_0']['kernel']  # (32, 64): largest divisible dim is 64
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
@@ -97,7 +99,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
   time.sleep(3)  # let it train a few steps
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=120)
-  assert proc.returncode == train_utils.PREEMPTED_EXIT_CODE, output
+  assert proc.returncode == guards.PREEMPTED_EXIT_CODE, output
   steps = runs.complete_steps(tmp_path)
   assert len(steps) == 1 and 0 < steps[0] < 100000, steps
   assert f'checkpoint of step {steps[0]} written' in output
@@ -173,26 +175,25 @@ def test_fine_tune_at_higher_resolution_and_other_classes(
 
 def test_fine_tune_with_a_fresh_position_embedding(
     tfds_data_dir, pretrained_workdir, tmp_path):
-  config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1,
+  config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=2,
                             **{'pretrained.path': str(pretrained_workdir),
                                'pretrained.posemb_method': 'reinit'})
   setup = train.create_setup(config)
-  state, _, _ = train.create_train_state(
-      setup, train.optim.create_optimizer(config, 1))
+  state, _, _ = train.create_train_state(setup)
   source = runs.final_params(pretrained_workdir)
   params = jax.device_get(state['params'])
   np.testing.assert_array_equal(  # the rest is the pretrained model's
       params['Transformer']['encoder_norm']['scale'],
       source['Transformer']['encoder_norm']['scale'])
-  scratch = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=1)
+  scratch = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=2)
   scratch_setup = train.create_setup(scratch)
-  fresh, _, _ = train.create_train_state(
-      scratch_setup, train.optim.create_optimizer(scratch, 1))
+  fresh, _, _ = train.create_train_state(scratch_setup)
   posemb = lambda p: p['Transformer']['posembed_input']['pos_embedding']
   assert posemb(params).shape == (1, 37, 32)
   np.testing.assert_array_equal(posemb(params),
                                 jax.device_get(posemb(fresh['params'])))
-  with pytest.raises(ValueError, match=r"posemb_method='nearest'; allowed"):
+  with pytest.raises(ValueError, match=r"posemb_method: Unknown value "
+                     r"'nearest'. Allowed: bilinear, bicubic, reinit"):
     train.create_setup(runs.tiny_config(
         tfds_data_dir, **{'pretrained.posemb_method': 'nearest'}))
 
@@ -229,20 +230,20 @@ def test_two_processes_give_the_result_of_one_process_with_8_devices(
 
 def _nan_learning_rate_from(monkeypatch, bad_step: int):
   """Injects a fault: the schedule turns NaN at `bad_step` (0-based)."""
-  create_schedule = train.optim.create_schedule
+  create_schedule = optim.create_schedule
 
   def poisoned(config, total_steps):
     schedule = create_schedule(config, total_steps)
     return lambda s: jax.numpy.where(s >= bad_step, jax.numpy.nan, schedule(s))
 
-  monkeypatch.setattr(train.optim, 'create_schedule', poisoned)
+  monkeypatch.setattr(optim, 'create_schedule', poisoned)
 
 
 def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(
     tfds_data_dir, tmp_path, monkeypatch):
   _nan_learning_rate_from(monkeypatch, bad_step=4)
   config = runs.tiny_config(tfds_data_dir, total_steps=8, log_every=100)
-  with pytest.raises(train_utils.NonFiniteLossError,
+  with pytest.raises(guards.NonFiniteLossError,
                      match=r'at step 5 .*Last finite metrics: step 4.*'
                      r'Last good checkpoint: step 4'):
     train.train_and_evaluate(config, tmp_path)
@@ -266,9 +267,9 @@ def test_cross_entropy_with_label_smoothing():
   labels = jax.numpy.array([[0.0, 1.0, 0.0]])
   log_p = jax.nn.log_softmax(logits)[0]
   smoothed = 0.9 * labels[0] + 0.1 / 3
-  np.testing.assert_allclose(train.cross_entropy(logits, labels, 0.1),
+  np.testing.assert_allclose(classification.cross_entropy(logits, labels, 0.1),
                              [-(smoothed * log_p).sum()], rtol=1e-6)
-  np.testing.assert_allclose(train.cross_entropy(logits, labels),
+  np.testing.assert_allclose(classification.cross_entropy(logits, labels),
                              [-log_p[1]], rtol=1e-6)
 
 
@@ -285,21 +286,30 @@ def test_bfloat16_compute_trains_close_to_float32(tfds_data_dir, tmp_path):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
-def test_progress_lines_give_rates_from_the_second_line_on(tmp_path, caplog,
-                                                           monkeypatch):
+def test_progress_lines_average_the_window_and_rates_start_on_line_two(
+    tmp_path, caplog, monkeypatch):
   # start, first log, 10 s later, summary
   clock = iter([100.0, 130.0, 140.0, 150.0])
-  monkeypatch.setattr(train_utils, 'time', types.SimpleNamespace(
-      time=lambda: next(clock), strftime=time.strftime, gmtime=time.gmtime))
-  with train_utils.MetricWriter(tmp_path, enabled=False) as writer:
-    progress = train_utils.Progress(total_steps=100, batch_size=8,
-                                    writer=writer)
+  monkeypatch.setattr(progress_lib, 'time', types.SimpleNamespace(
+      time=lambda: next(clock)))
+  with progress_lib.MetricWriter(tmp_path, enabled=False) as writer:
+    progress = progress_lib.Progress(total_steps=100, batch_size=8,
+                                     writer=writer)
     with caplog.at_level('INFO'):
-      progress.log(10, {'loss': 2.0, 'learning_rate': 1e-3})
-      progress.log(30, {'loss': 1.5, 'learning_rate': 1e-3})
+      for loss in (2.5, 1.5):  # steps 9 and 10
+        progress.record({'loss': loss, 'learning_rate': 1e-3})
+      progress.log(10)
+      progress.record({'loss': 1.5, 'learning_rate': 1e-3})
+      progress.log(30)
   first, second = [r.getMessage() for r in caplog.records]
-  assert 'step 10/100' in first and 'includes compiling' in first
-  assert 'steps/s' not in first
+  assert 'step 10/100  loss 2.0000 (mean of 2)' in first
+  assert 'steps/s' not in first and 'next line' in first
   # 20 steps in 10 s; 70 steps left -> 35 s.
   assert '2.00 steps/s  16 img/s  ETA 00:00:35' in second
-  assert progress.summary()['train_loss_history'] == [(10, 2.0), (30, 1.5)]
+  assert progress.summary()['train_loss_history'] == [[10, 2.0], [30, 1.5]]
+
+
+def test_eta_does_not_wrap_after_a_day():
+  assert progress_lib.duration(35) == '00:00:35'
+  assert progress_lib.duration(26 * 3600 + 61) == '1d 02:01:01'
+  assert progress_lib.duration(10 * 86400) == '10d 00:00:00'

@@ -1,24 +1,24 @@
-"""Runs training: python -m vit_jax.main --config=configs/X.py:args --workdir=DIR.
+"""Trains: python -m vit_jax.main --config=configs/X.py:args --workdir=DIR.
 
-The config is locked: `--config.total_steps=100` overrides an existing field,
-a misspelt one or a value of the wrong type is a usage error (exit status 2)
-naming the field, with a close match. Exit status 75 means "preempted
-(SIGTERM), a checkpoint was written; run the same command to resume"; 1, an
-error explained in one line starting "error: ".
+The config is locked: `--config.total_steps=100` overrides an existing field;
+a misspelt field or a value of the wrong type is a usage error naming the
+field, with a close match. Exit status 0: done (or finished already); 2: a
+usage error (bad flag, config value, workdir, a workdir in use by another
+run, a resume with a changed config), one `error:` line before anything is
+compiled; 75: preempted (SIGTERM), a checkpoint was written, run the same
+command to resume; 1: any other error, explained in one `error:` line.
 """
-import difflib
 import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax.base import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/pretrain.py:cifar10',
@@ -26,26 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints, summaries and metrics.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def initialize_distributed(dist) -> None:
-  """jax.distributed when the config or the environment asks for it.
-
-  Must run before anything touches a JAX backend. On CPU the processes talk
-  through gloo collectives. When a process dies, JAX's coordination service
-  aborts the others (after dist.heartbeat_timeout_s at most) with "another
-  task died" rather than letting them hang in a collective.
-  """
-  if not (dist.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-          or dist.auto):
-    return
-  # CPU devices of different processes talk through gloo (no effect on GPUs).
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = {'heartbeat_timeout_seconds': dist.heartbeat_timeout_s}
-  if dist.coordinator_address:
-    kwargs.update(coordinator_address=dist.coordinator_address,
-                  num_processes=dist.num_processes, process_id=dist.process_id)
-  jax.distributed.initialize(**kwargs)
 
 
 def _config_file_error(text: str) -> str:
@@ -75,11 +55,11 @@ def _override_error(argv: list[str], error: Exception) -> str:
       if not isinstance(node, ml_collections.ConfigDict):
         return f'--config.{path}: {where} is a single value, not a group.'
       if part not in node:
-        close = difflib.get_close_matches(part, list(node), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ''
-        return (f'--config.{path}: {where} has no field {part!r}.{hint} '
+        return (f'--config.{path}: {where} has no field {part!r}.'
+                f'{errors.did_you_mean(part, list(node))} '
                 f'Its fields: {", ".join(sorted(node))}.')
-      if bad_value and bad_value.group(1) == path and depth == len(parts) - 1:
+      if (bad_value and bad_value.group(1) == path
+          and bad_value.group(2) == value and depth == len(parts) - 1):
         wanted = node.get_type(part)
         if wanted is ml_collections.ConfigDict:
           return (f'--config.{path}={value}: {where}.{part} is a group of '
@@ -101,7 +81,7 @@ def _missing_config_file(argv: list[str]) -> str | None:
     if path and not os.path.isfile(path):
       folder = os.path.dirname(path) or '.'
       names = os.listdir(folder) if os.path.isdir(folder) else []
-      close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+      close = errors.close_matches(os.path.basename(path), names)
       hint = f' Did you mean {os.path.join(folder, close[0])}?' if close else ''
       return f'{arg}: no such file {path!r} (from {os.getcwd()}).{hint}'
   return None
@@ -112,56 +92,47 @@ def _parse_flags(argv: list[str]) -> list[str]:
   missing = _missing_config_file(argv)
   if missing:
     cli.usage_error(missing)
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError) as e:  # ml_collections: Key/Attr
-    cli.usage_error(_override_error(argv, e))
+  return cli.parse_flags(argv, lambda e: _override_error(argv, e))
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Orbax and TFDS: drops INFO chatter (dozens of lines per save), and cuts
-  Orbax's error tracebacks to their first line, since StateCheckpointer
-  re-raises those errors with the reason. asyncio's "Task exception was never
-  retrieved" for Orbax's tasks, logged at exit after a failed save, only
-  repeats that error: dropped."""
-
-  def filter(self, record) -> bool:
-    if record.name == 'asyncio' and 'orbax' in record.getMessage():
-      return False
-    if not any(lib in record.pathname for lib in
-               ('/orbax/', '/tensorflow_datasets/')):
-      return True
-    if record.levelno < logging.logging.WARNING:
-      return False
-    record.msg = record.getMessage().splitlines()[0][:300]
-    record.args, record.exc_info, record.exc_text = None, None, None
-    return True
-
-
-def main(argv):
-  del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  # Imported here so that --helpfull stays fast and flags parse before TF loads.
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
-  from vit_jax import train_utils  # pylint: disable=g-import-not-at-top
-  from vit_jax import state_checkpoint  # pylint: disable=g-import-not-at-top
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # Imported here so that --help stays fast and flags parse before TF loads.
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from vit_jax.runs import lock  # pylint: disable=g-import-not-at-top
+  from vit_jax.runs import state_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import guards  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  initialize_distributed(config.distributed)
+  try:
+    distributed.initialize(config.distributed)
+  except (distributed.RendezvousError, ValueError) as e:
+    cli.fail(str(e))
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info('JAX %s on %d process(es), %d %s device(s).', jax.__version__,
                jax.process_count(), jax.device_count(), jax.default_backend())
   try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
-  except train_utils.Preempted as e:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  except guards.Preempted as e:
     logging.warning('%s', e)
-    sys.exit(train_utils.PREEMPTED_EXIT_CODE)
-  except (ValueError, train_utils.NonFiniteLossError,
+    sys.exit(guards.PREEMPTED_EXIT_CODE)
+  except (lock.WorkdirBusyError, trainer.SetupError) as e:
+    # Bad input (config values, workdir, resume changes): before any compile.
+    logging.error('%s', e)
+    cli.usage_error(str(e))
+  except (guards.NonFiniteLossError, ValueError,
           state_checkpoint.CheckpointWriteError) as e:
     logging.error('%s', e)
-    sys.exit(f'error: {e}')
-  logging.info('Done: %s', result)
+    cli.fail(str(e))
+
+
+def run() -> None:
+  """The `vit-train` console script."""
+  cli.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  run()

@@ -1,0 +1,104 @@
+"""One writer per workdir: an exclusive lock on `workdir/LOCK` that names its holder.
+
+Training takes the lock before it writes anything; a second run on the same
+workdir stops at once with one line naming the holder (host, pid, start time
+and command). The lock is the kernel's `flock` on the file, so it is released
+whenever its holder ends, killed with SIGKILL included: a crashed run never
+blocks its successor, which only notes that the previous holder died. The
+holder's record is written into the file while the lock is held and cleared
+on release. Readers (export, predict, evaluate, inspect) never take it.
+
+`flock` works on local file systems and on NFS (where Linux maps it to POSIX
+locks); on a file system without locks the lock cannot protect the workdir.
+With several processes only process 0 takes it.
+"""
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import sys
+
+LOCK_NAME = 'LOCK'
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+def _record() -> dict:
+  return {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec='seconds'),
+          'command': ' '.join(sys.argv)[:500]}
+
+
+def describe(record: dict) -> str:
+  if not record:
+    return 'a run that left no record'
+  return (f'pid {record.get("pid")} on {record.get("host")}, started '
+          f'{record.get("started")} ({record.get("command")})')
+
+
+def _read(fd: int) -> dict:
+  os.lseek(fd, 0, os.SEEK_SET)
+  data = b''
+  while chunk := os.read(fd, 65536):
+    data += chunk
+  try:
+    record = json.loads(data.decode('utf-8')) if data.strip() else {}
+  except (ValueError, UnicodeDecodeError):
+    return {'command': 'unreadable lock record'}
+  return record if isinstance(record, dict) else {}
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir) as lock:`; `lock.previous` is a dead holder's record."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = pathlib.Path(workdir) / LOCK_NAME
+    self._fd: int | None = None
+    self.previous: dict = {}
+
+  def acquire(self) -> 'WorkdirLock':
+    """Takes the lock or raises WorkdirBusyError naming the live holder."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read(fd)
+      os.close(fd)
+      raise WorkdirBusyError(
+          f'{self.path.parent} is in use by another run: {describe(holder)}. '
+          'Wait for it to finish or stop it, or use another --workdir.'
+      ) from None
+    except OSError:
+      os.close(fd)
+      raise
+    # A record left behind means its holder ended without releasing: killed.
+    self.previous = _read(fd)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(_record()) + '\n').encode('utf-8'))
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      # The file stays, emptied: were it deleted, a run that had opened the old
+      # file and a run creating a new one could both hold "the" lock.
+      os.ftruncate(self._fd, 0)
+    finally:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

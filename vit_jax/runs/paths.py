@@ -1,0 +1,52 @@
+"""The files of a workdir, and the check that a workdir can be written.
+
+`prepare_for_writing` turns every way a workdir can be unusable (no path, a
+file, a place without write permission, a read-only file system,
+`checkpoints` being a file) into one WorkdirError line before anything runs.
+"""
+import errno
+import os
+import pathlib
+
+CHECKPOINTS = 'checkpoints'
+CONFIG = 'config.json'
+METRICS = 'metrics.json'
+ADAPTATION = 'adaptation.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot hold a run; the message says why."""
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+  """Whether `path` looks like a training workdir (it has checkpoints/)."""
+  return pathlib.Path(path, CHECKPOINTS).exists()
+
+
+def prepare_for_writing(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates `workdir` if needed; WorkdirError if it cannot hold a run."""
+  if not os.fspath(workdir).strip():
+    raise WorkdirError('--workdir is empty; name the directory for the run\'s '
+                       'checkpoints and metrics, e.g. --workdir=runs/vit.')
+  path = pathlib.Path(workdir).expanduser()
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory.')
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f'--workdir={workdir} cannot be created: '
+                       f'{e.strerror or e}.') from None
+  checkpoints = path / CHECKPOINTS
+  if checkpoints.exists() and not checkpoints.is_dir():
+    raise WorkdirError(f'{checkpoints} is a file; a workdir\'s checkpoints/ '
+                       'must be a directory (move the file away).')
+  probe = path / f'.write-test-{os.getpid()}'
+  try:
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as e:
+    why = ('is on a read-only file system' if e.errno == errno.EROFS else
+           'is not writable' if e.errno in (errno.EACCES, errno.EPERM) else
+           f'cannot be written ({e.strerror})')
+    raise WorkdirError(f'--workdir={workdir} {why}; choose another.') from None
+  return path

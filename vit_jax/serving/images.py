@@ -1,0 +1,239 @@
+"""Image files -> model inputs in numpy, matching training's eval preprocessing.
+
+The one image decoder of every tool (predict, evaluate on folders, inspect,
+serving): they must see the pixels that evaluation saw during training
+(`vit_jax.data.preprocess.eval_image`, TensorFlow) without importing
+TensorFlow. This module reproduces it with Pillow and numpy:
+
+  decode   Pillow; EXIF orientation applied (TF's decoder ignores it, so a
+           photo tagged "rotate 90" is shown upright here, as a viewer shows
+           it); grayscale, palette, CMYK -> RGB; RGBA / LA drop alpha (as
+           `tf.io.decode_image(channels=3)` does); 16-bit images keep the
+           high byte (as TF's uint16 -> uint8 conversion). First frame of a
+           GIF. 32-bit integer and floating-point images are refused: they
+           have no standard mapping to 0..255.
+  resize   'resize': bilinear to the model's size, the arithmetic of
+           `tf.image.resize(method='bilinear')` (half-pixel centres, no
+           antialiasing, float32, clipped to [0, 255]);
+           'resize_crop': shorter side to round(max(size) / 0.875), bilinear,
+           central crop (`data.preprocess.resize_shorter_and_crop`).
+  scale    [0, 255] -> [-1, 1] as x / 127.5 - 1 (`to_unit_range`). Exported
+           models do this step themselves; they take the resized [0, 255].
+
+TF decodes JPEGs with libjpeg's fast integer DCT, Pillow with the accurate
+one (Pillow offers no other with fancy upsampling), so eval inputs from JPEGs
+differ by about 1 level of 255 on average, at most 9, on the 1000 ImageNet
+samples at 224px; from the same decoded pixels they are identical
+(tests/test_predict.py checks both on real photos).
+"""
+from collections.abc import Iterable, Iterator, Sequence
+import concurrent.futures
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+RESIZE_MODES = ('resize', 'resize_crop')
+CROP_FRACTION = 0.875  # 224 / 256, preprocess.resize_shorter_and_crop's default
+IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif',
+                              '.webp', '.tif', '.tiff'})
+Size = tuple[int, int]
+
+
+def as_size(size: int | Sequence[int]) -> Size:
+  """An int (square) or (height, width) -> (height, width) of positive ints."""
+  pair = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+  if len(pair) != 2 or not all(
+      isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+      for s in pair):
+    raise ValueError(f'Image size {size!r} must be a positive int or '
+                     '(height, width) of positive ints.')
+  return int(pair[0]), int(pair[1])
+
+
+class UnsupportedImageError(ValueError):
+  """A decodable image whose pixels have no defined 8-bit RGB meaning."""
+
+
+def _bits(image: Image.Image) -> int:
+  """Bits per sample of a single-channel integer image ('I' or 'I;16*')."""
+  if image.mode.startswith('I;16'):
+    return 16
+  tags = getattr(image, 'tag_v2', None)  # TIFF
+  if tags is not None and tags.get(258):
+    return int(tags.get(258)[0] if isinstance(tags.get(258), tuple)
+               else tags.get(258))
+  return 16 if image.format == 'PNG' else 32  # older Pillow: PNG 16 -> 'I'
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+  """Decodes an image file to uint8 [height, width, 3] RGB.
+
+  Raises OSError / ValueError (Pillow's errors, e.g. truncated or not an
+  image) for files that cannot be decoded, UnsupportedImageError for 32-bit
+  integer or floating-point pixels.
+  """
+  with Image.open(path) as image:
+    image.load()  # Decodes now, so truncated files fail here, not later.
+    try:
+      image = ImageOps.exif_transpose(image)
+    except Exception:  # pylint: disable=broad-except
+      pass  # Malformed EXIF: the pixels are fine, keep them as stored.
+    if image.mode == 'F' or (image.mode == 'I' and _bits(image) > 16):
+      kind = ('floating-point' if image.mode == 'F' else
+              f'{_bits(image)}-bit integer')
+      raise UnsupportedImageError(
+          f'{kind} pixels (Pillow mode {image.mode}) have no standard '
+          'mapping to 0..255; convert the image to 8- or 16-bit first.')
+    if image.mode == 'I' or image.mode.startswith('I;16'):
+      # 16-bit grey: keep the high byte, as tf.image.convert_image_dtype.
+      grey = (np.asarray(image, np.int64) >> 8).clip(0, 255).astype(np.uint8)
+      return np.repeat(grey[..., None], 3, axis=-1)
+    # convert('RGB') drops alpha without compositing, like TF's channels=3.
+    return np.asarray(image.convert('RGB'), np.uint8)
+
+
+def _bilinear_weights(in_size: int, out_size: int):
+  """Source indices and weights of TF's ResizeBilinear (half-pixel centres)."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale
+  x = x - np.float32(0.5)
+  floor = np.floor(x)
+  lower = np.maximum(floor.astype(np.int64), 0)
+  upper = np.minimum(np.ceil(x).astype(np.int64), in_size - 1)
+  return lower, upper, (x - floor).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, size: Size) -> np.ndarray:
+  """`preprocess.resize` in numpy: float32 [h, w, C] in [0, 255]."""
+  image = np.asarray(image, np.float32)
+  y_lo, y_hi, y_lerp = _bilinear_weights(image.shape[0], size[0])
+  x_lo, x_hi, x_lerp = _bilinear_weights(image.shape[1], size[1])
+  x_lerp = x_lerp[None, :, None]
+  # Same operation order as TF's kernel (interpolate along x, then y), so
+  # float32 rounding matches too.
+  top, bottom = image[y_lo], image[y_hi]
+  top = top[:, x_lo] + (top[:, x_hi] - top[:, x_lo]) * x_lerp
+  bottom = bottom[:, x_lo] + (bottom[:, x_hi] - bottom[:, x_lo]) * x_lerp
+  out = top + (bottom - top) * y_lerp[:, None, None]
+  return np.clip(out, 0.0, 255.0)
+
+
+def resize_shorter_and_crop(image: np.ndarray, size: Size,
+                            crop_fraction: float = CROP_FRACTION
+                            ) -> np.ndarray:
+  """`preprocess.resize_shorter_and_crop` in numpy (same float32 rounding)."""
+  target = np.round(np.float32(max(size) / crop_fraction))
+  shape = np.asarray(image.shape[:2], np.float32)
+  scale = target / shape.min()
+  new_hw = np.maximum(np.round(shape * scale).astype(np.int64), size)
+  resized = resize_bilinear(image, (int(new_hw[0]), int(new_hw[1])))
+  top, left = (new_hw[0] - size[0]) // 2, (new_hw[1] - size[1]) // 2
+  return resized[top:top + size[0], left:left + size[1]]
+
+
+def eval_pixels(image: np.ndarray, size: Size, mode: str = 'resize'
+                ) -> np.ndarray:
+  """Decoded uint8 RGB -> float32 [size, 3] in [0, 255], resized like eval."""
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'Resize mode {mode!r} is not supported; allowed: '
+                     f'{", ".join(RESIZE_MODES)}.')
+  size = (int(size[0]), int(size[1]))
+  if mode == 'resize':
+    return resize_bilinear(image, size)
+  return resize_shorter_and_crop(image, size)
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+  """[0, 255] -> [-1, 1], exactly `preprocess.to_unit_range`."""
+  return np.asarray(pixels, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def eval_image(image: np.ndarray, size: Size, mode: str = 'resize'
+               ) -> np.ndarray:
+  """`preprocess.eval_image` after decoding: float32 [size, 3] in [-1, 1]."""
+  return to_unit_range(eval_pixels(image, size, mode))
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
+  """Files as given, folders expanded (recursively, sorted) to image files.
+
+  Named files are kept whatever their extension (so an unreadable one is
+  reported rather than silently skipped); inside folders only files with an
+  image extension are taken. Missing paths are kept: reading them fails and
+  names them.
+  """
+  out = []
+  for path in paths:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      out.extend(str(p) for p in sorted(pathlib.Path(path).rglob('*'))
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    else:
+      out.append(path)
+  return out
+
+
+def class_folder(root: str | os.PathLike) -> dict[str, list[str]]:
+  """{class name: its image files} of `root/<class>/<files>`, both sorted.
+
+  Files directly in a class folder only (not in deeper folders), with an
+  image extension. The class index of a name is its position in the sorted
+  names (in the training folder dataset: of all splits together).
+  """
+  root = pathlib.Path(root)
+  return {d.name: sorted(str(f) for f in d.iterdir()
+                         if f.suffix.lower() in IMAGE_EXTENSIONS
+                         and f.is_file())
+          for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+def read_pixels(path: str | os.PathLike, size: Size, mode: str = 'resize'
+                ) -> np.ndarray | Exception:
+  """`eval_pixels` of a file, or the exception that reading it raised.
+
+  Returned rather than raised so that a batch of files can go on past a
+  bad one (Pillow raises OSError, ValueError, SyntaxError, ...).
+  """
+  try:
+    return eval_pixels(load_rgb(path), size, mode)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+
+
+def error_text(error: Exception) -> str:
+  """A file's read error as the tools print it after `error: PATH: `."""
+  if isinstance(error, FileNotFoundError):
+    return 'no such file'
+  if isinstance(error, IsADirectoryError):
+    return 'is a directory'
+  return f'{type(error).__name__}: {error}'
+
+
+def read_batches(paths: Sequence[str], size: Size, mode: str,
+                 batch_size: int, workers: int = 4
+                 ) -> Iterator[list[tuple[str, np.ndarray | Exception]]]:
+  """[(path, pixels or the read error)] per `batch_size` files, in order.
+
+  Files are decoded and resized in threads (Pillow and numpy release the
+  GIL for most of it), the next batch while the caller uses this one.
+  """
+  read = lambda p: read_pixels(p, size, mode)
+  chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+  workers = max(1, min(workers, os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = [pool.submit(read, p) for p in chunks[0]] if chunks else []
+    for n, chunk in enumerate(chunks):
+      loaded = [future.result() for future in pending]
+      if n + 1 < len(chunks):
+        pending = [pool.submit(read, p) for p in chunks[n + 1]]
+      yield list(zip(chunk, loaded))
+
+
+def stack_padded(pixels: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """Images stacked and zero-padded to `batch_size` rows: one compiled shape."""
+  batch = np.zeros((batch_size, *pixels[0].shape), np.float32)
+  batch[:len(pixels)] = pixels
+  return batch

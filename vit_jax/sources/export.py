@@ -1,0 +1,258 @@
+"""Exports: a Source written as one folder of files with a card, and read back.
+
+    card_path = write_export(source, 'out/vit_b16', 'vit_b16')
+    source = from_export('out/vit_b16')
+
+The folder holds `<name>.npz` (Google's original layout, which their code and
+timm read), `<name>.safetensors` (the same arrays under the same '/'-joined
+names), `<name>.stablehlo` (`jax.export` of logits = f(params, pixels), the
+contract in `serving.runtime`) and `<name>.card.json` (`serving.card`). It
+is complete or absent: everything is written into a hidden sibling folder
+that is renamed into place at the end, replacing an earlier export there;
+a killed or failed export leaves the earlier one as it was (the next export
+clears what a killed one left behind).
+"""
+import datetime
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from vit_jax import checkpoint
+from vit_jax.base import errors
+from vit_jax.checkpoint import arrays
+from vit_jax.checkpoint import layout
+from vit_jax.models import vit
+from vit_jax.serving import card as card_lib
+from vit_jax.serving import images
+from vit_jax.sources import base
+
+FORMATS = ('npz', 'safetensors', 'stablehlo')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+-]*$')
+
+
+def check_request(name: str, formats: tuple[str, ...],
+                  platforms: tuple[str, ...]) -> None:
+  """ValueError for an export that cannot be written as asked."""
+  if not _NAME.match(name):
+    raise ValueError(f'Export name {name!r} must be letters, digits, ".", '
+                     '"_", "+" or "-", starting with a letter or digit.')
+  if not formats:
+    raise ValueError(f'No export format given; choose from {", ".join(FORMATS)}.')
+  for fmt in formats:
+    if fmt not in FORMATS:
+      raise ValueError(errors.unknown('export format', fmt, FORMATS))
+  if 'stablehlo' in formats:
+    if not platforms:
+      raise ValueError('No StableHLO platform given; choose from '
+                       f'{", ".join(PLATFORMS)}.')
+    for platform in platforms:
+      if platform not in PLATFORMS:
+        raise ValueError(errors.unknown('StableHLO platform', platform,
+                                        PLATFORMS))
+
+
+def _stablehlo(model: vit.VisionTransformer, flat: dict[str, np.ndarray],
+               image_size: tuple[int, int], platforms: tuple[str, ...]
+               ) -> tuple[bytes, dict]:
+  """Serialized exported_logits_fn (symbolic batch) and its card entry."""
+  batch, = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(jax.jit(base.exported_logits_fn(model)),
+                               platforms=platforms)(
+      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
+      jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32))
+  h, w = image_size
+  return exported.serialize(), {
+      'platforms': list(exported.platforms),
+      'args': '(params: {flat name: array} of the safetensors file, pixels: '
+              f'float32[batch, {h}, {w}, 3] RGB in [0, 255], resized)',
+      'returns': f'float32[batch, {model.num_classes}] logits',
+      'calling_convention_version': exported.calling_convention_version}
+
+
+def dumps(value: Any, indent: str = '') -> str:
+  """JSON with objects indented but lists on one line: readable by people."""
+  if isinstance(value, dict) and value:
+    inner = indent + '  '
+    return '{\n' + ',\n'.join(f'{inner}{json.dumps(k)}: {dumps(v, inner)}'
+                               for k, v in value.items()) + f'\n{indent}}}'
+  return json.dumps(value, allow_nan=False)
+
+
+def make_card(source: base.Source, name: str, flat: dict[str, np.ndarray],
+              files: dict[str, dict], stablehlo: dict | None
+              ) -> dict[str, Any]:
+  """The JSON card of an export of `source` with params `flat`."""
+  crop = images.CROP_FRACTION if source.resize == 'resize_crop' else None
+  return {
+      'format': card_lib.CARD_FORMAT, 'name': name,
+      'model': {'name': source.model_name,
+                'options': vit.options_to_json(source.model)},
+      'num_classes': source.model.num_classes,
+      'label_names': source.label_names,
+      'image_size': list(source.image_size),
+      'preprocessing': {
+          'resize': source.resize, 'crop_fraction': crop,
+          'interpolation': 'bilinear, half-pixel centres, no antialiasing '
+                           '(tf.image.resize)',
+          'input_range': [0, 255], 'value_range': [-1.0, 1.0],
+          'scaling': 'x / 127.5 - 1'},
+      'step': source.step, 'source': source.origin,
+      'params': {'count': int(sum(v.size for v in flat.values())),
+                 'dtype': next(iter(flat.values())).dtype.name,
+                 'sha256': card_lib.params_checksum(flat),
+                 'checksum': 'vit_jax.serving.card.params_checksum'},
+      'files': files, 'stablehlo': stablehlo,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'versions': {'jax': jax.__version__},
+  }
+
+
+def _check_output(output: pathlib.Path) -> None:
+  """The folder may be new, empty, or an earlier export (then replaced)."""
+  if not output.exists():
+    return
+  if not output.is_dir():
+    raise ValueError(f'--output={output} is a file; an export is a folder.')
+  entries = sorted(p.name for p in output.iterdir())
+  cards = [e for e in entries if e.endswith(card_lib.CARD_SUFFIX)]
+  if entries and len(cards) != 1:
+    raise ValueError(
+        f'--output={output} exists and is not an export folder (it holds '
+        f'{", ".join(entries[:5])}{" ..." if len(entries) > 5 else ""}); '
+        'choose a new or empty folder, or an earlier export to replace.')
+
+
+def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
+                 formats: tuple[str, ...] = FORMATS, bfloat16: bool = False,
+                 platforms: tuple[str, ...] = ('cpu', 'cuda')
+                 ) -> pathlib.Path:
+  """Writes the export folder `output` (module docstring); returns its card."""
+  check_request(name, formats, platforms)
+  output = pathlib.Path(output).absolute()
+  _check_output(output)
+  if 'stablehlo' in formats:
+    formats = (*formats, 'safetensors')  # The StableHLO takes its weights.
+  dtype = ml_dtypes.bfloat16 if bfloat16 else np.float32
+  flat = {k: np.ascontiguousarray(v, dtype)
+          for k, v in base.original_flat(source.params).items()}
+  arrays.check_values(flat, f'{source.origin["path"]}')
+  output.parent.mkdir(parents=True, exist_ok=True)
+  _recover(output)
+  partial = pathlib.Path(tempfile.mkdtemp(
+      prefix=f'.{output.name}.partial-{os.getpid()}-', dir=output.parent))
+  try:
+    written = {}
+    if 'npz' in formats:
+      written['npz'] = f'{name}.npz'
+      checkpoint.save_npz(partial / written['npz'], source.params,
+                          bfloat16=bfloat16)
+    if 'safetensors' in formats:
+      written['safetensors'] = f'{name}.safetensors'
+      safetensors.numpy.save_file(flat, partial / written['safetensors'],
+                                  {'card': f'{name}{card_lib.CARD_SUFFIX}'})
+    stablehlo = None
+    if 'stablehlo' in formats:
+      written['stablehlo'] = f'{name}.stablehlo'
+      blob, stablehlo = _stablehlo(source.model, flat, source.image_size,
+                                   platforms)
+      (partial / written['stablehlo']).write_bytes(blob)
+    files = {kind: {'path': path, 'bytes': (partial / path).stat().st_size,
+                    'sha256': card_lib.file_sha256(partial / path)}
+             for kind, path in written.items()}
+    card_path = partial / f'{name}{card_lib.CARD_SUFFIX}'
+    card_path.write_text(dumps(make_card(source, name, flat, files,
+                                         stablehlo)) + '\n')
+    for path in partial.iterdir():  # durable before it becomes visible
+      with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+    os.chmod(partial, 0o755)
+    _swap_into_place(partial, output)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+  return output / card_path.name
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _recover(output: pathlib.Path) -> None:
+  """Clears what a killed export left beside `output`.
+
+  A partial folder of an export that is no longer running goes; an earlier
+  export set aside just before a kill comes back if `output` is missing.
+  """
+  for partial in output.parent.glob(f'.{output.name}.partial-*'):
+    pid = partial.name.rsplit('.partial-', 1)[1].split('-')[0]
+    if pid.isdigit() and not _pid_alive(int(pid)):
+      shutil.rmtree(partial, ignore_errors=True)
+  for old in sorted(output.parent.glob(f'.{output.name}.old-*')):
+    if not output.exists():
+      os.rename(old, output)
+    else:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_into_place(partial: pathlib.Path, output: pathlib.Path) -> None:
+  """Renames `partial` to `output`; an earlier export there goes only after."""
+  if not output.exists():
+    os.rename(partial, output)
+    return
+  old = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.old-',
+                                      dir=output.parent))
+  os.rmdir(old)
+  os.rename(output, old)
+  try:
+    os.rename(partial, output)
+  except BaseException:
+    os.rename(old, output)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def from_export(path: str | os.PathLike) -> base.Source:
+  """An export back as a Source (model code), from its safetensors or npz."""
+  card_path, card = card_lib.read_card(path)
+  if card['files'].get('safetensors'):
+    flat = card_lib.read_safetensors(card_path, card)
+    params = arrays.unflatten(layout.to_linen_layout(flat))
+  else:
+    npz = card_lib.export_file(card_path, card, 'npz')
+    params = base.inference_params(checkpoint.load_npz(npz))
+    flat = {k: np.asarray(v, card['params']['dtype'])
+            for k, v in base.original_flat(params).items()}
+    card_lib.verify_params(flat, card, npz)
+  try:
+    model = vit.create_model(card['model']['name'], card['num_classes'],
+                             **vit.options_from_json(card['model']['options']))
+  except (TypeError, ValueError) as e:
+    raise card_lib.CardError(f'Export card {card_path}: model '
+                             f'{card["model"]["name"]!r} with its options '
+                             f'cannot be built: {e}') from e
+  image_size = tuple(card['image_size'])
+  base.check_shapes(model, params, image_size, str(card_path),
+                    f'the model its card describes at '
+                    f'{image_size[0]}x{image_size[1]}')
+  return base.Source(model=model, model_name=card['model']['name'],
+                     params=params, image_size=image_size,
+                     label_names=card['label_names'],
+                     resize=card['preprocessing']['resize'], step=card['step'],
+                     origin={'kind': 'export', 'path': str(card_path)})

@@ -1,0 +1,389 @@
+"""Training and evaluation: one jitted step on a device mesh, resumable.
+
+Reads top to bottom: the setup derived from the config (everything checked
+before anything compiles), the train state, evaluation, then
+`train_and_evaluate`: the workdir's lock, the resume checks, and the loop.
+The step functions are in `steps`, the state's layout in `state`.
+"""
+import contextlib
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import optax
+
+from vit_jax import sources
+from vit_jax.base import files
+from vit_jax.data import pipeline
+from vit_jax.data import sources as data_sources
+from vit_jax.evaluation import classification
+from vit_jax.models import vit
+from vit_jax.parallel import mesh as mesh_lib
+from vit_jax.runs import lock as lock_lib
+from vit_jax.runs import paths
+from vit_jax.runs import reader
+from vit_jax.runs import resume
+from vit_jax.runs import state_checkpoint
+from vit_jax.serving import images
+from vit_jax.training import config as config_lib
+from vit_jax.training import finetune
+from vit_jax.training import guards
+from vit_jax.training import optim
+from vit_jax.training import progress as progress_lib
+from vit_jax.training import state as state_lib
+from vit_jax.training import steps
+
+
+class SetupError(ValueError):
+  """Bad input found before anything compiled: config, data, weights, workdir."""
+
+
+@contextlib.contextmanager
+def _before_compiling():
+  """Bad input found here is a SetupError (a usage error for the program)."""
+  try:
+    yield
+  except SetupError:
+    raise
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything derived from the config before anything is compiled."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: vit.VisionTransformer
+  info: pipeline.DatasetInfo
+  image_size: tuple[int, int]
+  eval_split: str
+  total_steps: int
+  schedule: Callable[[jax.Array], jax.Array]
+  tx: optax.GradientTransformation
+
+
+def create_setup(config: ml_collections.ConfigDict) -> Setup:
+  """Checks the config and builds the pieces; ValueError (one line) on bad input.
+
+  The dataset is opened (its splits checked, the evaluation's too) and the
+  pretrained weights found before any step is compiled.
+  """
+  config_lib.check(config)
+  info = pipeline.get_dataset_info(config.dataset, config.data_dir or None,
+                                   config.manual_dir or None)
+  src = data_sources.open_source(config.dataset, config.data_dir or None,
+                                 config.manual_dir or None)
+  data_sources.check_split(src, config.dataset,
+                           config.train_split or info.train_split)
+  eval_split = data_sources.check_split(src, config.dataset,
+                                        config.eval_split or info.eval_split)
+  image_size = images.as_size(config.image_size or info.default_resolution)
+  model = vit.create_model(config.model_name, info.num_classes,
+                           **vit.options_from_json(config.model.to_dict()))
+  model.check_input_shape((1, *image_size, 3))
+  total_steps = config.total_steps or info.default_steps
+  config_lib.check_steps(config, total_steps)
+  config_lib.check_batch_sizes(config, jax.device_count(),
+                               jax.process_count())
+  if config.pretrained.path:
+    sources.kind_of(config.pretrained.path)  # exists and is a model
+  mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+  schedule = optim.create_schedule(config, total_steps)
+  return Setup(config, mesh, model, info, image_size, eval_split, total_steps,
+               schedule, optim.create_optimizer(config, schedule))
+
+
+def _init_fn(setup: Setup):
+  return state_lib.make_init_fn(setup.model, setup.tx, setup.image_size)
+
+
+def abstract_train_state(setup: Setup) -> tuple[state_lib.State, Any]:
+  """The state's shapes, dtypes and shardings, nothing allocated; shardings."""
+  return state_lib.abstract_state(_init_fn(setup), setup.mesh,
+                                  setup.config.seed,
+                                  setup.config.mesh.fsdp_min_size)
+
+
+def create_train_state(setup: Setup) -> tuple[state_lib.State, Any,
+                                               dict[str, Any] | None]:
+  """(initial state, its shardings, adaptation record or None).
+
+  With config.pretrained.path the parameters come from those weights,
+  adapted to this model (`finetune`), and the record says what changed.
+  """
+  config = setup.config
+  init = _init_fn(setup)
+  _, shardings = abstract_train_state(setup)
+  if not config.pretrained.path:
+    return state_lib.create_state(init, shardings, config.seed), shardings, None
+  # Replicated, hence readable on every host, for the head's fresh init.
+  fresh = jax.jit(lambda rng: init(rng)['params'],
+                  out_shardings=mesh_lib.replicated(setup.mesh))(
+                      jax.random.key(config.seed))
+  params, record = finetune.pretrained_params(
+      config.pretrained.path, jax.device_get(fresh), setup.model,
+      setup.image_size, config.pretrained.posemb_method)
+  logging.info('Initialised from %s: %s', config.pretrained.path, record)
+  return (state_lib.create_state(init, shardings, config.seed, params),
+          shardings, record)
+
+
+def evaluate(setup: Setup, eval_step, params) -> dict[str, Any]:
+  """Top-1/top-5 accuracy, loss, per class, over every eval example once."""
+  config = setup.config
+  batches = pipeline.eval_iterator(
+      config.dataset, split=setup.eval_split,
+      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
+      global_batch_size=config.eval_batch_size, image_size=setup.image_size,
+      sharding=mesh_lib.batch_sharding(setup.mesh), resize=config.eval_resize)
+  totals = classification.run(eval_step, params, batches, len(batches))
+  return classification.summarize(totals, setup.info.label_names)
+
+
+def checkpoint_meta(setup: Setup, examples_seen: int,
+                    history: dict[str, list]) -> dict[str, Any]:
+  """What a checkpoint needs beside its arrays: the model, the data position
+  (in examples), the history so far."""
+  return {'config': setup.config.to_json(),
+          'model_name': setup.config.model_name,
+          'num_classes': setup.info.num_classes,
+          'image_size': list(setup.image_size),
+          'total_steps': setup.total_steps,
+          'label_names': setup.info.label_names,
+          'examples_seen': examples_seen,
+          'processes': jax.process_count(),
+          'history': history}
+
+
+def _examples_seen(meta: dict[str, Any]) -> int:
+  if 'examples_seen' in meta:
+    return meta['examples_seen']
+  # Checkpoints before positions were counted in examples: batches x size.
+  old = json.loads(meta['config'])
+  return meta['data_position'] * old['batch_size']
+
+
+def _check_resume(setup: Setup, workdir: pathlib.Path) -> dict | None:
+  """The newest checkpoint's meta, after refusing config changes that matter."""
+  directory = workdir / paths.CHECKPOINTS
+  steps_on_disk = reader.complete_steps(directory)
+  if not steps_on_disk:
+    return None
+  meta = reader.read_meta(directory / str(steps_on_disk[-1]))
+  extra = {}
+  processes = meta.get('processes', jax.process_count())
+  if processes != jax.process_count() and not setup.config.input_global_order:
+    # Each process reads its own part of the split: the parts move.
+    extra['processes'] = (processes, jax.process_count())
+  accepted = resume.check(meta['config'], setup.config, str(workdir), extra)
+  if accepted:
+    logging.warning('Resuming with accepted config changes: %s.',
+                    ', '.join(accepted))
+  return meta
+
+
+def _finished_result(workdir: pathlib.Path, meta: dict | None,
+                     total_steps: int) -> dict | None:
+  """metrics.json of a run that is done (its last step saved and evaluated)."""
+  path = workdir / paths.METRICS
+  if meta is None or not path.is_file():
+    return None
+  try:
+    result = json.loads(path.read_text())
+  except ValueError:
+    return None  # damaged: evaluate again
+  last_step = reader.complete_steps(workdir / paths.CHECKPOINTS)[-1]
+  if (isinstance(result, dict) and result.get('finished')
+      and result.get('step') == last_step and last_step >= total_steps):
+    return result
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  Returns the final metrics, also written to `workdir/metrics.json`. A run
+  that finished already returns its result and changes nothing. Raises
+  `guards.Preempted` after checkpointing on SIGTERM,
+  `guards.NonFiniteLossError` (the last good checkpoint kept) on a
+  non-finite loss, `lock.WorkdirBusyError` while another run holds the
+  workdir, and ValueError subclasses for bad input, before compiling.
+  """
+  with _before_compiling():
+    workdir = paths.prepare_for_writing(workdir)
+    setup = create_setup(config)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
+      if lock.previous:
+        logging.warning('The previous run on %s (%s) ended without releasing '
+                        'it (killed?); resuming from its newest checkpoint.',
+                        workdir, lock_lib.describe(lock.previous))
+    with _before_compiling():
+      meta = _check_resume(setup, workdir)
+    finished = _finished_result(workdir, meta, setup.total_steps)
+    if finished:
+      logging.info('This run finished already; nothing to do (use another '
+                   '--workdir to train again): %s',
+                   progress_lib.result_line(finished))
+      return finished
+    if jax.process_index() == 0:
+      files.write_json(workdir / paths.CONFIG, resolved_config(setup))
+    _log_start(setup, workdir)
+    # Watch SIGTERM from the start: a preemption during compilation still
+    # gets its checkpoint, after the first step.
+    preemption = stack.enter_context(guards.PreemptionWatcher())
+    writer = stack.enter_context(progress_lib.MetricWriter(
+        workdir, enabled=jax.process_index() == 0))
+    ckpt = stack.enter_context(state_checkpoint.StateCheckpointer(
+        workdir / paths.CHECKPOINTS, max_to_keep=config.keep_checkpoints))
+    return _train_loop(setup, workdir, preemption, writer, ckpt)
+
+
+def resolved_config(setup: Setup) -> dict[str, Any]:
+  """The config as given, and the values its zeros and blanks resolved to."""
+  return {'config': setup.config.to_dict(),
+          'resolved': {'total_steps': setup.total_steps,
+                       'image_size': list(setup.image_size),
+                       'num_classes': setup.info.num_classes,
+                       'train_split': (setup.config.train_split
+                                       or setup.info.train_split),
+                       'eval_split': setup.eval_split}}
+
+
+def _log_start(setup: Setup, workdir: pathlib.Path) -> None:
+  logging.info('Config (also in %s):\n%s', workdir / paths.CONFIG,
+               setup.config)
+  mesh = ' x '.join(f'{name} {size}' for name, size in setup.mesh.shape.items())
+  logging.info(
+      '%s (%s params) on %s, %dx%d px, %d classes; %d steps of batch %d; '
+      'mesh %s over %d %s device(s) in %d process(es).',
+      setup.config.model_name,
+      f'{vit.count_params(setup.model, setup.image_size):,}',
+      setup.config.dataset, *setup.image_size, setup.info.num_classes,
+      setup.total_steps, setup.config.batch_size, mesh, jax.device_count(),
+      jax.default_backend(), jax.process_count())
+
+
+def _compile(train_step, state: state_lib.State, batch: pipeline.Batch):
+  """The train step compiled ahead of its first call, with the time it took."""
+  logging.info('Compiling the train step...')
+  start = time.time()
+  compiled = train_step.lower(state, batch).compile()
+  logging.info('Compiled in %.1f s.', time.time() - start)
+  return compiled
+
+
+def _train_loop(setup: Setup, workdir: pathlib.Path,
+                preemption: guards.PreemptionWatcher,
+                writer: progress_lib.MetricWriter,
+                ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
+  config = setup.config
+  examples_seen, history = 0, None
+  with _before_compiling():
+    if ckpt.latest_step() is not None:
+      # Restored straight onto the devices: no initial state is built first.
+      abstract, shardings = abstract_train_state(setup)
+      state, meta = ckpt.restore(abstract)
+      examples_seen = _examples_seen(meta)
+      history = meta.get('history')
+      logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
+    else:
+      state, shardings, adaptation = create_train_state(setup)
+      if adaptation and jax.process_index() == 0:
+        files.write_json(workdir / paths.ADAPTATION, adaptation)
+
+  batch_sharding = mesh_lib.batch_sharding(setup.mesh)
+  train_step = jax.jit(
+      steps.make_train_step(
+          setup.model, setup.tx, setup.schedule,
+          label_smoothing=config.label_smoothing,
+          accum_steps=config.accum_steps,
+          skip_nonfinite=config.on_nonfinite == 'skip'),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, mesh_lib.replicated(setup.mesh)),
+      donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(setup.model))
+  train_iter = pipeline.train_iterator(
+      config.dataset, split=config.train_split or setup.info.train_split,
+      data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
+      global_batch_size=config.batch_size, image_size=setup.image_size,
+      sharding=batch_sharding, seed=config.seed, start_example=examples_seen,
+      randaugment=((config.randaugment_layers, config.randaugment_magnitude)
+                   if config.randaugment_layers else None),
+      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+      global_order=config.input_global_order,
+      crop_min_area=config.crop_min_area)
+  progress = progress_lib.Progress(setup.total_steps, config.batch_size,
+                                   writer, history)
+  guard = guards.NonFiniteGuard(config.on_nonfinite)
+  step = int(state['step'])
+  first_batch = None
+  if step < setup.total_steps:
+    first_batch = next(train_iter)
+    train_step = _compile(train_step, state, first_batch)
+  unchecked = None  # (step, metrics) not yet seen on the host: one step late
+
+  def check(pending):
+    """Fetches a step's metrics; stops the run per config.on_nonfinite."""
+    at, metrics = pending
+    values = {k: jax.device_get(v).item() for k, v in metrics.items()}
+    finite = values.pop('finite')
+    if not guard.accept(at, finite, values):
+      ckpt.wait_until_finished()  # the save in flight is a good one: keep it
+      raise guard.error(at, values, ckpt.latest_step())
+    progress.record(values)
+
+  while step < setup.total_steps:
+    batch = next(train_iter) if first_batch is None else first_batch
+    first_batch = None
+    state, metrics = train_step(state, batch)
+    step += 1
+    if unchecked:
+      check(unchecked)
+    unchecked = (step, metrics)
+    log = step % config.log_every == 0 or step == setup.total_steps
+    save = step % config.checkpoint_every == 0 or step == setup.total_steps
+    preempted = preemption.reached(step)
+    if log or save or preempted:
+      # Never log or save a state whose loss has not been seen to be finite.
+      check(unchecked)
+      unchecked = None
+    if log:
+      progress.log(step)
+    if config.eval_every and step % config.eval_every == 0:
+      progress.evaluated(step, classification.scalars(
+          evaluate(setup, eval_step, state['params'])))
+      logging.info('eval step %d: %s', step,
+                   json.dumps(progress.eval_history[-1][1]))
+    if save or preempted:
+      ckpt.save(step, state, checkpoint_meta(setup, train_iter.examples,
+                                             progress.history()),
+                force=preempted)
+    if preempted:
+      ckpt.wait_until_finished()
+      raise guards.Preempted(step)
+  ckpt.wait_until_finished()
+  if progress.eval_history and progress.eval_history[-1][0] == step:
+    eval_metrics = progress.eval_history[-1][1]  # evaluated at this step
+  else:
+    logging.info('Evaluating on %s (%s)...', config.dataset, setup.eval_split)
+    eval_metrics = classification.scalars(
+        evaluate(setup, eval_step, state['params']))
+    progress.evaluated(step, eval_metrics)
+  result = {'step': step, 'finished': True,
+            **{f'eval_{k}': v for k, v in eval_metrics.items()},
+            **progress.summary(), 'skipped_steps': guard.skipped}
+  if jax.process_index() == 0:
+    files.write_json(workdir / paths.METRICS, result)
+  logging.info('Done: %s. Metrics in %s.', progress_lib.result_line(result),
+               workdir / paths.METRICS)
+  return result
