@@ -2,7 +2,6 @@
 every file; an export folder is complete or absent; the CLI."""
 import json
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import serving
 from vit_jax import sources
-from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images

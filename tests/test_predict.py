@@ -17,7 +17,6 @@ from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import predict
 from vit_jax import sources
-from vit_jax.serving import classifier as classifier_lib
 from vit_jax.serving import images
 from vit_jax.sources import export
 

@@ -67,10 +67,11 @@ def test_repeated_sigkill_at_random_moments_and_during_checkpoint_writes(
 
 
 @contextlib.contextmanager
-def _small_filesystem(path: pathlib.Path, size: str):
+def _small_filesystem(path: pathlib.Path, size: str, read_only: bool = False):
   """A tmpfs of `size` mounted at `path`; skips where mounting is not allowed."""
   path.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
+  options = f'size={size}' + (',ro' if read_only else '')
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', options,
                             'tmpfs', str(path)], capture_output=True, text=True)
   if mounted.returncode:
     pytest.skip('a small filesystem needs `mount -t tmpfs` (root or '
@@ -179,3 +180,76 @@ def test_bad_config_files_are_one_line_usage_errors():
   assert ("ValueError: Unknown pretrain config 'cifar10_quik'; allowed: "
           "cifar10_quick") in unknown.stderr
   assert 'Traceback' not in unknown.stderr
+
+
+@pytest.mark.parametrize('workdir,message', [
+    ('', '--workdir is empty'),
+    ('{file}', 'is a file, not a directory'),
+    ('{checkpoints_file}', 'checkpoints is a file; a workdir\'s checkpoints/ '
+     'must be a directory'),
+], ids=['empty', 'a-file', 'checkpoints-a-file'])
+def test_unusable_workdirs_are_one_line_usage_errors(tmp_path, workdir,
+                                                     message):
+  (tmp_path / 'file').write_text('x')
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').write_text('x')
+  workdir = workdir.format(file=tmp_path / 'file',
+                           checkpoints_file=tmp_path / 'run')
+  result = _main('--config=configs/pretrain.py:cifar10_quick',
+                 f'--workdir={workdir}')
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_a_read_only_workdir_is_one_line_usage_error(tmp_path):
+  with _small_filesystem(tmp_path / 'ro', '1m', read_only=True) as disk:
+    result = _main('--config=configs/pretrain.py:cifar10_quick',
+                   f'--workdir={disk}/run')
+  assert result.returncode == 2, result.stderr
+  assert (f'error: --workdir={disk}/run cannot be created: Read-only file '
+          'system.') in result.stderr
+
+
+def test_a_config_value_given_twice_names_the_bad_one():
+  result = _main('--config=configs/pretrain.py:cifar10_quick',
+                 '--workdir=/nonexistent', '--config.total_steps=10',
+                 '--config.total_steps=ten')
+  assert result.returncode == 2
+  assert ("error: --config.total_steps=ten: config.total_steps takes a value "
+          "of type int; 'ten' is not one.") in result.stderr
+  ranged = _main('--config=configs/pretrain.py:cifar10_quick',
+                 f'--workdir=/tmp/never-{time.time_ns()}',
+                 '--config.keep_checkpoints=0')
+  assert ranged.returncode == 2
+  assert ranged.stderr.strip().splitlines()[-2] == (
+      'error: config.keep_checkpoints=0 must be >= 1 (at least the newest '
+      'checkpoint is kept).')
+
+
+def test_export_onto_a_full_disk_is_one_line_and_keeps_the_earlier_export(
+    tmp_path):
+  from vit_jax import checkpoint, models, serving  # pylint: disable=g-import-not-at-top
+  model = models.create_model('ViT-Ti_16', 10, num_layers=1, hidden_size=32,
+                              mlp_dim=64, num_heads=2, patch_size=8)
+  params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)))['params']
+  npz = tmp_path / 'tiny.npz'
+  checkpoint.save_npz(npz, params)
+  export = lambda out: subprocess.run(
+      [sys.executable, '-m', 'vit_jax.export', f'--model={npz}',
+       '--model_name=ViT-Ti_16', f'--output={out}', '--platforms=cpu'],
+      cwd=runs.REPO, capture_output=True, text=True, timeout=300)
+  with _small_filesystem(tmp_path / 'small', '4m') as disk:
+    assert export(disk / 'export').returncode == 0
+    card = (disk / 'export' / 'tiny.card.json').read_text()
+    filler = _fill(disk)
+    result = export(disk / 'export')
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'error: cannot write the export {disk}/export: No space left on '
+        'device; nothing was changed there.')
+    assert (disk / 'export' / 'tiny.card.json').read_text() == card
+    serving.load(disk / 'export')  # the earlier export, every file intact
+    filler.unlink()
+    assert sorted(p.name for p in disk.iterdir()) == ['export']

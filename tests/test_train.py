@@ -16,6 +16,7 @@ from vit_jax.sources import workdir as vit_workdir
 from vit_jax.training import guards
 from vit_jax.training import optim
 from vit_jax.training import progress as progress_lib
+from vit_jax.training import setup as setup_lib
 from vit_jax.training import trainer as train
 
 
@@ -39,7 +40,7 @@ def test_data_parallel_and_fsdp_follow_the_single_device_trajectory(
 def test_fsdp_shards_large_arrays_and_replicates_small_ones(tfds_data_dir):
   config = runs.tiny_config(tfds_data_dir, **{'mesh.data': 2, 'mesh.fsdp': 4,
                                               'mesh.fsdp_min_size': 1024})
-  setup = train.create_setup(config)
+  setup = setup_lib.create_setup(config)
   state, _, _ = train.create_train_state(setup)
   mlp = state['params']['Transformer']['encoderblock_0']['MlpBlock_0']
   kernel = mlp['Dense_0']['kernel']  # (32, 64): largest divisible dim is 64
@@ -115,10 +116,52 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
     ({'mesh.data': 4, 'mesh.fsdp': 4}, r'needs 16 devices but 8 are available'),
     ({'image_size': 36}, r'Image size 36x36 is not divisible'),
     ({'dataset': 'cifar11'}, r"cifar11.*cifar10"),
+    # Zero, negative and out-of-range numbers: one line naming the field.
+    ({'total_steps': -5}, r"config.total_steps=-5 must be a positive integer "
+     r"\(or 0 for the dataset's default\)"),
+    ({'keep_checkpoints': 0}, r'keep_checkpoints=0 must be >= 1 \(at least '
+     r'the newest checkpoint is kept\)'),
+    ({'checkpoint_every': 0}, r'config.checkpoint_every=0 must be an integer'),
+    ({'log_every': 0}, r'config.log_every=0 must be an integer >= 1'),
+    ({'eval_every': -1}, r'config.eval_every=-1 must be >= 0 \(0: evaluate '
+     r'at the end only\)'),
+    ({'optimizer.learning_rate': 0.0},
+     r'learning_rate=0.0 must be > 0 \(to keep weights fixed, use '
+     r'optimizer.freeze\)'),
+    ({'label_smoothing': 1.0}, r'label_smoothing=1.0 must be in \[0, 1\)'),
+    ({'schedule.warmup_steps': -1}, r'warmup_steps=-1 must be an integer'),
+    ({'schedule.warmup_steps': 7}, r'warmup_steps=7 is more than the run\'s '
+     r'total_steps=6'),
+    ({'image_size': -32}, r'config.image_size=-32 must be'),
+    ({'model.patch_size': 0}, r'patch_size=0 must be a positive integer'),
+    ({'model.dropout_rate': 1.5}, r'dropout_rate=1.5 must be in \[0, 1\)'),
+    ({'mesh.fsdp': 0}, r'config.mesh.fsdp=0 must be an integer >= 1'),
+    ({'batch_size': 0}, r'config.batch_size=0 must be an integer >= 1'),
+    ({'crop_min_area': 0.0}, r'crop_min_area=0.0 must be in \(0, 1\]'),
+    # Fields that only the final evaluation uses, checked before training.
+    ({'eval_batch_size': 12},
+     r'eval_batch_size=12 must be divisible by the 8 devices'),
+    ({'eval_resize': 'crop'}, r"config.eval_resize: Unknown value 'crop'"),
+    ({'eval_split': 'tset'}, r"Unknown or invalid split 'tset'"),
+    ({'pretrained.path': '/nonexistent/ViT-B_16.npz'},
+     r'--model=/nonexistent/ViT-B_16.npz: no such file or directory'),
 ])
 def test_bad_config_fails_before_compiling(tfds_data_dir, overrides, match):
   with pytest.raises(ValueError, match=match):
-    train.create_setup(runs.tiny_config(tfds_data_dir, **overrides))
+    setup_lib.create_setup(runs.tiny_config(tfds_data_dir, **overrides))
+
+
+def test_an_image_folder_without_a_test_split_is_refused_before_training(
+    cifar_5_class_folder, tfds_data_dir, tmp_path):
+  only_train = tmp_path / 'only_train'
+  only_train.mkdir()
+  (only_train / 'train').symlink_to(cifar_5_class_folder / 'train')
+  with pytest.raises(ValueError, match=r"Dataset 'imagefolder:.*' has no "
+                     r'default split for this use; pass split= one of '
+                     r"\['train'\]"):
+    setup_lib.create_setup(runs.tiny_config(
+        tfds_data_dir, dataset=f'imagefolder:{only_train}', train_split='',
+        eval_split=''))
 
 
 @pytest.fixture(scope='module')
@@ -178,7 +221,7 @@ def test_fine_tune_with_a_fresh_position_embedding(
   config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=2,
                             **{'pretrained.path': str(pretrained_workdir),
                                'pretrained.posemb_method': 'reinit'})
-  setup = train.create_setup(config)
+  setup = setup_lib.create_setup(config)
   state, _, _ = train.create_train_state(setup)
   source = runs.final_params(pretrained_workdir)
   params = jax.device_get(state['params'])
@@ -186,7 +229,7 @@ def test_fine_tune_with_a_fresh_position_embedding(
       params['Transformer']['encoder_norm']['scale'],
       source['Transformer']['encoder_norm']['scale'])
   scratch = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=2)
-  scratch_setup = train.create_setup(scratch)
+  scratch_setup = setup_lib.create_setup(scratch)
   fresh, _, _ = train.create_train_state(scratch_setup)
   posemb = lambda p: p['Transformer']['posembed_input']['pos_embedding']
   assert posemb(params).shape == (1, 37, 32)
@@ -194,14 +237,14 @@ def test_fine_tune_with_a_fresh_position_embedding(
                                 jax.device_get(posemb(fresh['params'])))
   with pytest.raises(ValueError, match=r"posemb_method: Unknown value "
                      r"'nearest'. Allowed: bilinear, bicubic, reinit"):
-    train.create_setup(runs.tiny_config(
+    setup_lib.create_setup(runs.tiny_config(
         tfds_data_dir, **{'pretrained.posemb_method': 'nearest'}))
 
 
 def test_fine_tune_resolution_not_divisible_by_the_patch(tfds_data_dir):
   with pytest.raises(ValueError, match=r'Image size 50x50 is not divisible '
                      r'.* 8x8 pixels per token'):
-    train.create_setup(runs.tiny_config(tfds_data_dir, image_size=50))
+    setup_lib.create_setup(runs.tiny_config(tfds_data_dir, image_size=50))
 
 
 def test_two_processes_give_the_result_of_one_process_with_8_devices(

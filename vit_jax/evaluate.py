@@ -19,7 +19,6 @@ split through the trainer's own evaluation pipeline and step, so the numbers
 equal the trainer's on the same split and parameters; it needs TensorFlow
 (`pip install vit_jax[train]`).
 """
-import json
 import os
 import sys
 
@@ -32,6 +31,7 @@ cli.define_model_flags()
 cli.define_image_size_flag()
 cli.define_labels_flag()
 cli.define_output_flag('Folder for metrics.json and confusion_matrix.png.')
+flags.adopt_module_key_flags(cli)  # the shared flags in --help
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per model call.',
                                    lower_bound=1)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'With tfds:...: the TFDS '
@@ -53,11 +53,12 @@ def _folder_batches(classifier, root: str, batch_size: int):
   elif len(folder) == len(names):
     index = {name: i for i, name in enumerate(folder)}
   else:
-    unknown = sorted(set(folder) - set(names))[:5]
+    unknown = sorted(set(folder) - set(names))
     raise cli.UsageError(
-        f'{root} has {len(folder)} class folders ({", ".join(unknown)} ...) '
-        f'that are not among the model\'s {len(names)} label names; name the '
-        'folders like the labels (or pass --labels).')
+        f'{root} has {len(unknown)} of {len(folder)} class folders that are '
+        f'not among the model\'s {len(names)} label names ('
+        f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}); name '
+        'the folders like the labels (or pass --labels).')
   paths = [p for files in folder.values() for p in files]
   labels = {p: index[name] for name, files in folder.items() for p in files}
   errors = []

@@ -27,6 +27,7 @@ from vit_jax import cli
 cli.define_model_flags()
 cli.define_image_size_flag()
 cli.define_labels_flag()
+flags.adopt_module_key_flags(cli)  # the shared flags in --help
 cli.define_output_flag('The export folder to write (created, or an earlier '
                        'export there replaced).')
 _NAME = flags.DEFINE_string('name', None,

@@ -29,6 +29,7 @@ cli.define_model_flags()
 cli.define_image_size_flag()
 cli.define_labels_flag()
 cli.define_output_flag('Folder for the figures and arrays.npz.')
+flags.adopt_module_key_flags(cli)  # the shared flags in --help
 _MAX_IMAGES = flags.DEFINE_integer('max_images', 256, 'At most this many '
                                    'images (sorted) for maps and distances.',
                                    lower_bound=1)

@@ -2,7 +2,8 @@
 
 The config is locked: `--config.total_steps=100` overrides an existing field;
 a misspelt field or a value of the wrong type is a usage error naming the
-field, with a close match. Exit status 0: done (or finished already); 2: a
+field, with a close match. Config files may import their siblings
+(`from configs import common`) from any working directory. Exit status 0: done (or finished already); 2: a
 usage error (bad flag, config value, workdir, a workdir in use by another
 run, a resume with a changed config), one `error:` line before anything is
 compiled; 75: preempted (SIGTERM), a checkpoint was written, run the same
@@ -11,6 +12,7 @@ command to resume; 1: any other error, explained in one `error:` line.
 import os
 import re
 import sys
+import traceback
 
 from absl import flags
 from absl import logging
@@ -32,9 +34,9 @@ def _config_file_error(text: str) -> str:
   """The config file's own exception and line, without the traceback."""
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   frames = [line.split(', in ')[0] for line in lines
-            if line.startswith('File "') and 'site-packages' not in line]
-  return ' '.join([lines[0], *lines[1:][-1:]] +
-                  ([f'({frames[-1]})'] if frames else []))
+            if line.startswith('File "') and 'site-packages' not in line
+            and '/vit_jax/' not in line]
+  return lines[-1] + (f' ({frames[-1]})' if frames else '')
 
 
 def _override_error(argv: list[str], error: Exception) -> str:
@@ -87,12 +89,28 @@ def _missing_config_file(argv: list[str]) -> str | None:
   return None
 
 
+def _importable_configs(argv: list[str]) -> None:
+  """Config files import their siblings as `configs.common`: the folder above
+  a config package goes on sys.path, whichever directory the program (or a
+  console script) runs from."""
+  for arg in argv:
+    if arg.startswith('--config='):
+      folder = os.path.dirname(os.path.abspath(arg.split('=', 1)[1]
+                                               .split(':')[0]))
+      if os.path.isfile(os.path.join(folder, '__init__.py')):
+        sys.path.insert(0, os.path.dirname(folder))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """cli.parse_flags, also for a bad config file or override (one line)."""
   missing = _missing_config_file(argv)
   if missing:
     cli.usage_error(missing)
-  return cli.parse_flags(argv, lambda e: _override_error(argv, e))
+  _importable_configs(argv)
+  try:
+    return cli.parse_flags(argv, lambda e: _override_error(argv, e))
+  except Exception:  # pylint: disable=broad-except  (the config file's own)
+    cli.usage_error(_config_file_error(traceback.format_exc()))
 
 
 def main(argv: list[str]) -> None:
@@ -104,6 +122,7 @@ def main(argv: list[str]) -> None:
   from vit_jax.runs import lock  # pylint: disable=g-import-not-at-top
   from vit_jax.runs import state_checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.training import guards  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import setup  # pylint: disable=g-import-not-at-top
   from vit_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
@@ -119,7 +138,7 @@ def main(argv: list[str]) -> None:
   except guards.Preempted as e:
     logging.warning('%s', e)
     sys.exit(guards.PREEMPTED_EXIT_CODE)
-  except (lock.WorkdirBusyError, trainer.SetupError) as e:
+  except (lock.WorkdirBusyError, setup.SetupError) as e:
     # Bad input (config values, workdir, resume changes): before any compile.
     logging.error('%s', e)
     cli.usage_error(str(e))

@@ -33,6 +33,7 @@ from vit_jax.serving import images
 cli.define_model_flags()
 cli.define_image_size_flag()
 cli.define_labels_flag()
+flags.adopt_module_key_flags(cli)  # the shared flags in --help
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Labels per image.', lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Images per model call.',
                                    lower_bound=1)

@@ -15,7 +15,7 @@ plan}`, or the `vit-*` console scripts) names a model the same way:
 Exit statuses: 0 done; 1 the work ran but some inputs failed (named on
 stderr), or a runtime error explained in one `error:` line; 2 a usage error
 (bad flag, model, labels, config), one `error:` line before any work; 75 a
-preempted training run (resume with the same command).
+preempted training run (resume with the same command); 130 Ctrl-C.
 """
 from collections.abc import Callable
 import logging as std_logging
@@ -29,6 +29,7 @@ from absl import logging
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class UsageError(Exception):
@@ -99,6 +100,13 @@ def run(main: Callable[[list[str]], Any],
   """Runs a program's `main(argv)`: flags parsed (errors exit 2), quiet logs,
   a UsageError raised by `main` reported as one line with exit status 2."""
   quiet_environment()
+  program = sys.modules[main.__module__]
+  if sys.modules['__main__'] is not program:
+    # A console script (vit-train, ...): absl's --help shows the docstring
+    # and key flags of __main__, here the script's wrapper: lend it ours.
+    sys.modules['__main__'].__doc__ = program.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(program.__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
   def wrapped(argv: list[str]) -> Any:
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -106,6 +114,8 @@ def run(main: Callable[[list[str]], Any],
       return main(argv)
     except UsageError as e:
       usage_error(str(e))
+    except KeyboardInterrupt:
+      fail('interrupted (Ctrl-C).', EXIT_INTERRUPTED)
 
   app.run(wrapped, flags_parser=flags_parser)
 

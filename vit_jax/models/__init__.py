@@ -4,23 +4,24 @@ Imports jax and Flax only: never TensorFlow, Orbax or optax.
 
     model = models.create_model('ViT-B_16', num_classes=10)
 
-`vit`: VisionTransformer, create_model, the scanned/unrolled block layouts;
-`layers`: attention, MLP, the encoder block; `resnet`: the hybrids' BiT stem;
-`registry`: the variants by the names users know.
+`vit`: VisionTransformer and the scanned/unrolled block layouts; `layers`:
+attention, MLP, the encoder block; `resnet`: the hybrids' BiT stem;
+`registry`: the variants by the names users know; `factory`: create_model
+and the options as configs and cards store them.
 """
+from vit_jax.models.factory import count_params
+from vit_jax.models.factory import create_model
+from vit_jax.models.factory import option_types
+from vit_jax.models.factory import options_from_json
+from vit_jax.models.factory import options_to_json
 from vit_jax.models.registry import MODELS
 from vit_jax.models.registry import get_model_config
 from vit_jax.models.vit import ATTENTION_IMPLS
 from vit_jax.models.vit import CLASSIFIERS
-from vit_jax.models.vit import count_params
-from vit_jax.models.vit import create_model
-from vit_jax.models.vit import option_types
-from vit_jax.models.vit import options_from_json
-from vit_jax.models.vit import options_to_json
 from vit_jax.models.vit import REMAT_POLICIES
+from vit_jax.models.vit import VisionTransformer
 from vit_jax.models.vit import stack_encoder_blocks
 from vit_jax.models.vit import unstack_encoder_blocks
-from vit_jax.models.vit import VisionTransformer
 
 __all__ = ['ATTENTION_IMPLS', 'CLASSIFIERS', 'MODELS', 'REMAT_POLICIES',
            'VisionTransformer', 'count_params', 'create_model',

@@ -8,20 +8,16 @@ Parameter names follow Google's linen checkpoints (`embedding`, `cls`,
 `stack_encoder_blocks` / `unstack_encoder_blocks` convert between the two.
 """
 from collections.abc import Mapping, Sequence
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.base import errors
 from vit_jax.models import layers
-from vit_jax.models import registry
 from vit_jax.models import resnet
 
 Dtype = Any
-MODELS = registry.MODELS
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 ATTENTION_IMPLS = ('xla', 'cudnn')
 REMAT_POLICIES = {
@@ -239,80 +235,6 @@ class VisionTransformer(nn.Module):
     return x.astype(jnp.float32)
 
 
-_FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__
-                if f not in ('parent', 'name'))
-
-
-def option_types() -> dict[str, type]:
-  """Every architecture option of VisionTransformer (what a config may set) ->
-  the type a config gives it: dtypes by name (str), patch size as int (square)
-  or tuple, `None`-able fields as their non-None type."""
-  special = {'dtype': str, 'param_dtype': str, 'patch_size': int,
-             'resnet_layers': tuple, 'representation_size': int}
-  options = {}
-  for name in _FIELDS:
-    if name == 'num_classes':  # from the dataset, not the config
-      continue
-    options[name] = special.get(name) or VisionTransformer.__dataclass_fields__[
-        name].type  # int, float, str or bool
-  return options
-
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16}
-
-
-def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
-  """Model options as configs and export cards store them (dtypes by name,
-  lists; None: the registry's value) -> `create_model` keyword arguments."""
-  kwargs = {}
-  for key, value in options.items():
-    if value is None:
-      continue
-    if key in ('dtype', 'param_dtype'):
-      if value not in DTYPES:
-        raise ValueError(f'model.{key}={value!r}; allowed: '
-                         f'{", ".join(DTYPES)}.')
-      value = DTYPES[value]
-    elif isinstance(value, list):
-      value = tuple(value)
-    kwargs[key] = value
-  return kwargs
-
-
-def options_to_json(model: VisionTransformer) -> dict[str, Any]:
-  """The model's options as JSON values: the inverse of `options_from_json`."""
-  options = {}
-  for name in _FIELDS:
-    if name == 'num_classes':
-      continue
-    value = getattr(model, name)
-    if name in ('dtype', 'param_dtype'):
-      value = jnp.dtype(value).name
-    options[name] = list(value) if isinstance(value, tuple) else value
-  return options
-
-
-def create_model(name: str, num_classes: int, **overrides: Any
-                 ) -> VisionTransformer:
-  """The registered model `name` (e.g. 'ViT-B_16'), with any field overridden.
-
-  >>> model = create_model('ViT-Ti_16', num_classes=10, dtype=jnp.bfloat16)
-  """
-  config = registry.get_model_config(name)
-  unknown = sorted(set(overrides) - set(_FIELDS))
-  if unknown:
-    hint = '; '.join(f'{k!r}' + ''.join(
-        f' (did you mean {c!r}?)' for c in errors.close_matches(k, _FIELDS))
-                     for k in unknown)
-    raise ValueError(f'Unknown model option(s) {hint} for {name}. '
-                     f'Options: {", ".join(_FIELDS)}.')
-  config.update(overrides, num_classes=num_classes)
-  if isinstance(config['patch_size'], int):
-    config['patch_size'] = (config['patch_size'],) * 2
-  return VisionTransformer(**config)
-
-
 _BLOCK = 'encoderblock'
 
 
@@ -340,12 +262,3 @@ def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
   for i in range(num_layers):
     encoder[f'{_BLOCK}_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return {**params, 'Transformer': encoder}
-
-
-def count_params(model: VisionTransformer,
-                 image_size: tuple[int, int] = (224, 224)) -> int:
-  """Number of parameters, from shapes only (nothing is allocated)."""
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, *image_size, 3), jnp.float32)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))

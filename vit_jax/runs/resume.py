@@ -84,13 +84,14 @@ def check(stored_config_json: str, config: ml_collections.ConfigDict,
     advice = []
     if fixed:
       advice.append(
-          f'{", ".join(fixed)} cannot change on resume; to continue from '
-          f'these weights in a new run use --workdir=<new dir> '
-          f'--config.pretrained.path={workdir}')
+          f'{", ".join(fixed)} cannot change on resume: to continue from '
+          f'these weights, train into a new --workdir with '
+          f'--config.pretrained.path={workdir}.')
     if refused:
-      advice.append(f'to accept the change, add --config.resume_accept='
-                    f'{",".join(refused)}')
+      advice.append(f'To accept {"the other" if fixed else "the"} '
+                    f'change{"s" if len(refused) > 1 else ""}, add '
+                    f'--config.resume_accept={",".join(refused)}.')
     raise ResumeConfigError(
         f'{workdir} holds a run with another config: {changes}. '
-        + '; '.join(advice) + '.')
+        + ' '.join(advice))
   return [f'{p} {diffs[p][0]!r} -> {diffs[p][1]!r}' for p in diffs]

@@ -19,7 +19,7 @@ from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.serving import classifier as serving_classifier
 
 # Overrides for the exported/served model: params come unrolled, and remat,
@@ -31,7 +31,7 @@ INFERENCE_OPTIONS = dict(scan_layers=False, remat_policy='none',
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A model to export, run or inspect: architecture, params, eval protocol."""
-  model: vit.VisionTransformer  # with INFERENCE_OPTIONS
+  model: models.VisionTransformer  # with INFERENCE_OPTIONS
   model_name: str
   params: dict[str, Any]  # our linen tree, numpy, blocks unrolled
   image_size: tuple[int, int]
@@ -55,7 +55,7 @@ def original_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
       arrays.flatten(params)).items()}
 
 
-def check_shapes(model: vit.VisionTransformer, params: Mapping[str, Any],
+def check_shapes(model: models.VisionTransformer, params: Mapping[str, Any],
                  image_size: tuple[int, int], source: str, what: str) -> None:
   """One ValueError listing every param the model lacks, wants or reshapes."""
   init = jax.eval_shape(lambda: model.init(
@@ -91,7 +91,7 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
                              image_size=image_size)
 
 
-def logits_fn(model: vit.VisionTransformer
+def logits_fn(model: models.VisionTransformer
               ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
   """(linen params, float32 pixels in [0, 255]) -> logits."""
   def fn(params, pixels):
@@ -102,7 +102,7 @@ def logits_fn(model: vit.VisionTransformer
   return fn
 
 
-def exported_logits_fn(model: vit.VisionTransformer
+def exported_logits_fn(model: models.VisionTransformer
                        ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
   """`logits_fn` taking the flat original-named params of the exported files."""
   fn = logits_fn(model)

@@ -31,7 +31,7 @@ from vit_jax import checkpoint
 from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images
 from vit_jax.sources import base
@@ -62,7 +62,7 @@ def check_request(name: str, formats: tuple[str, ...],
                                         PLATFORMS))
 
 
-def _stablehlo(model: vit.VisionTransformer, flat: dict[str, np.ndarray],
+def _stablehlo(model: models.VisionTransformer, flat: dict[str, np.ndarray],
                image_size: tuple[int, int], platforms: tuple[str, ...]
                ) -> tuple[bytes, dict]:
   """Serialized exported_logits_fn (symbolic batch) and its card entry."""
@@ -97,7 +97,7 @@ def make_card(source: base.Source, name: str, flat: dict[str, np.ndarray],
   return {
       'format': card_lib.CARD_FORMAT, 'name': name,
       'model': {'name': source.model_name,
-                'options': vit.options_to_json(source.model)},
+                'options': models.options_to_json(source.model)},
       'num_classes': source.model.num_classes,
       'label_names': source.label_names,
       'image_size': list(source.image_size),
@@ -241,8 +241,8 @@ def from_export(path: str | os.PathLike) -> base.Source:
             for k, v in base.original_flat(params).items()}
     card_lib.verify_params(flat, card, npz)
   try:
-    model = vit.create_model(card['model']['name'], card['num_classes'],
-                             **vit.options_from_json(card['model']['options']))
+    model = models.create_model(card['model']['name'], card['num_classes'],
+                             **models.options_from_json(card['model']['options']))
   except (TypeError, ValueError) as e:
     raise card_lib.CardError(f'Export card {card_path}: model '
                              f'{card["model"]["name"]!r} with its options '

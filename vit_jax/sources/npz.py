@@ -19,7 +19,7 @@ from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
 from vit_jax.models import registry
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images
 from vit_jax.sources import base
@@ -103,7 +103,7 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
   if num_classes is not None and num_classes != found:
     raise ValueError(f'--num_classes={num_classes} but the head of {path} '
                      f'has {found} classes.')
-  model = vit.create_model(model_name, found, **{
+  model = models.create_model(model_name, found, **{
       **options, **(overrides or {}), **base.INFERENCE_OPTIONS})
   if image_size is not None:
     model.check_input_shape((1, *image_size, 3))

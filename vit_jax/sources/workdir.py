@@ -11,14 +11,14 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.runs import reader
 from vit_jax.sources import base
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  model: vit.VisionTransformer  # as trained (scan, remat, dtype)
+  model: models.VisionTransformer  # as trained (scan, remat, dtype)
   params: dict[str, Any]  # numpy, in the model's own layout
   config: ml_collections.ConfigDict
   step: int
@@ -33,8 +33,8 @@ def load_workdir(workdir: str | os.PathLike,
   stored = reader.read_run(workdir, step)
   meta = stored.meta
   config = ml_collections.ConfigDict(json.loads(meta['config']))
-  model = vit.create_model(meta['model_name'], meta['num_classes'],
-                           **vit.options_from_json(config.model.to_dict()))
+  model = models.create_model(meta['model_name'], meta['num_classes'],
+                           **models.options_from_json(config.model.to_dict()))
   return TrainedModel(model, stored.params, config, stored.step,
                       tuple(meta['image_size']), meta['label_names'],
                       str(stored.path))

@@ -12,7 +12,7 @@ import numbers
 import ml_collections
 
 from vit_jax.base import errors
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.training import optim
 
 ON_NONFINITE = ('stop', 'skip')
@@ -45,8 +45,8 @@ def _number(config, path: str, *, low=None, high=None, low_open=False,
     rule = what or (f'in {lo}{hi}' if low is not None and high is not None
                     else f'{">" if low_open else ">="} {low}' if low is not None
                     else f'{"<" if high_open else "<="} {high}')
-    raise ConfigError(f'config.{path}={value!r} must be '
-                      f'{"an integer " if integer else ""}{rule}.')
+    kind = 'an integer ' if integer and not what else ''
+    raise ConfigError(f'config.{path}={value!r} must be {kind}{rule}.')
 
 
 def _choice(config, path: str, allowed) -> None:
@@ -72,8 +72,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   """ConfigError for the first value that cannot work (module docstring)."""
   # Model: sizes, rates and choices are checked by the model itself.
   try:
-    vit.create_model(config.model_name, 1,
-                     **vit.options_from_json(config.model.to_dict()))
+    models.create_model(config.model_name, 1,
+                     **models.options_from_json(config.model.to_dict()))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model_name / config.model: {e}') from None
   _number(config, 'image_size', low=0, integer=True,

@@ -16,7 +16,7 @@ from vit_jax import sources
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
-from vit_jax.models import vit
+from vit_jax import models
 
 
 def _source_weights(path: str | os.PathLike
@@ -31,7 +31,7 @@ def _source_weights(path: str | os.PathLike
 
 
 def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
-                      model: vit.VisionTransformer,
+                      model: models.VisionTransformer,
                       image_size: tuple[int, int], posemb_method: str
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The weights at `path` adapted to `model` at `image_size`; what changed.

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.parallel import mesh as mesh_lib
 
 State = dict[str, Any]  # step, params, opt_state, rng (raw key data)
 
 
-def make_init_fn(model: vit.VisionTransformer,
+def make_init_fn(model: models.VisionTransformer,
                  tx: optax.GradientTransformation,
                  image_size: tuple[int, int]
                  ) -> Callable[..., State]:

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.evaluation import classification
-from vit_jax.models import vit
+from vit_jax import models
 from vit_jax.training import state as state_lib
 
 
-def make_train_step(model: vit.VisionTransformer,
+def make_train_step(model: models.VisionTransformer,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], *,
                     label_smoothing: float = 0.0, accum_steps: int = 1,
@@ -72,7 +72,7 @@ def make_train_step(model: vit.VisionTransformer,
   return train_step
 
 
-def make_eval_step(model: vit.VisionTransformer):
+def make_eval_step(model: models.VisionTransformer):
   """(params, batch) -> `classification.batch_sums` of the model's logits."""
 
   def eval_step(params: Any, batch: dict[str, jax.Array]):

@@ -1,117 +1,51 @@
 """Training and evaluation: one jitted step on a device mesh, resumable.
 
-Reads top to bottom: the setup derived from the config (everything checked
-before anything compiles), the train state, evaluation, then
-`train_and_evaluate`: the workdir's lock, the resume checks, and the loop.
-The step functions are in `steps`, the state's layout in `state`.
+Reads top to bottom: the train state (from scratch, from pretrained weights
+or restored), evaluation, what a checkpoint stores beside its arrays, the
+resume checks, then `train_and_evaluate`: the workdir's lock, and the loop.
+The setup derived from the config is in `setup`, the step functions in
+`steps`, the state's layout in `state`.
 """
 import contextlib
-import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
-import optax
 
-from vit_jax import sources
+from vit_jax import models
 from vit_jax.base import files
 from vit_jax.data import pipeline
-from vit_jax.data import sources as data_sources
 from vit_jax.evaluation import classification
-from vit_jax.models import vit
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax.runs import lock as lock_lib
 from vit_jax.runs import paths
 from vit_jax.runs import reader
 from vit_jax.runs import resume
 from vit_jax.runs import state_checkpoint
-from vit_jax.serving import images
-from vit_jax.training import config as config_lib
 from vit_jax.training import finetune
 from vit_jax.training import guards
-from vit_jax.training import optim
 from vit_jax.training import progress as progress_lib
+from vit_jax.training import setup as setup_lib
 from vit_jax.training import state as state_lib
 from vit_jax.training import steps
 
 
-class SetupError(ValueError):
-  """Bad input found before anything compiled: config, data, weights, workdir."""
-
-
-@contextlib.contextmanager
-def _before_compiling():
-  """Bad input found here is a SetupError (a usage error for the program)."""
-  try:
-    yield
-  except SetupError:
-    raise
-  except ValueError as e:
-    raise SetupError(str(e)) from e
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything derived from the config before anything is compiled."""
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  model: vit.VisionTransformer
-  info: pipeline.DatasetInfo
-  image_size: tuple[int, int]
-  eval_split: str
-  total_steps: int
-  schedule: Callable[[jax.Array], jax.Array]
-  tx: optax.GradientTransformation
-
-
-def create_setup(config: ml_collections.ConfigDict) -> Setup:
-  """Checks the config and builds the pieces; ValueError (one line) on bad input.
-
-  The dataset is opened (its splits checked, the evaluation's too) and the
-  pretrained weights found before any step is compiled.
-  """
-  config_lib.check(config)
-  info = pipeline.get_dataset_info(config.dataset, config.data_dir or None,
-                                   config.manual_dir or None)
-  src = data_sources.open_source(config.dataset, config.data_dir or None,
-                                 config.manual_dir or None)
-  data_sources.check_split(src, config.dataset,
-                           config.train_split or info.train_split)
-  eval_split = data_sources.check_split(src, config.dataset,
-                                        config.eval_split or info.eval_split)
-  image_size = images.as_size(config.image_size or info.default_resolution)
-  model = vit.create_model(config.model_name, info.num_classes,
-                           **vit.options_from_json(config.model.to_dict()))
-  model.check_input_shape((1, *image_size, 3))
-  total_steps = config.total_steps or info.default_steps
-  config_lib.check_steps(config, total_steps)
-  config_lib.check_batch_sizes(config, jax.device_count(),
-                               jax.process_count())
-  if config.pretrained.path:
-    sources.kind_of(config.pretrained.path)  # exists and is a model
-  mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
-  schedule = optim.create_schedule(config, total_steps)
-  return Setup(config, mesh, model, info, image_size, eval_split, total_steps,
-               schedule, optim.create_optimizer(config, schedule))
-
-
-def _init_fn(setup: Setup):
+def _init_fn(setup: setup_lib.Setup):
   return state_lib.make_init_fn(setup.model, setup.tx, setup.image_size)
 
 
-def abstract_train_state(setup: Setup) -> tuple[state_lib.State, Any]:
+def abstract_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any]:
   """The state's shapes, dtypes and shardings, nothing allocated; shardings."""
   return state_lib.abstract_state(_init_fn(setup), setup.mesh,
                                   setup.config.seed,
                                   setup.config.mesh.fsdp_min_size)
 
 
-def create_train_state(setup: Setup) -> tuple[state_lib.State, Any,
+def create_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any,
                                                dict[str, Any] | None]:
   """(initial state, its shardings, adaptation record or None).
 
@@ -135,7 +69,7 @@ def create_train_state(setup: Setup) -> tuple[state_lib.State, Any,
           shardings, record)
 
 
-def evaluate(setup: Setup, eval_step, params) -> dict[str, Any]:
+def evaluate(setup: setup_lib.Setup, eval_step, params) -> dict[str, Any]:
   """Top-1/top-5 accuracy, loss, per class, over every eval example once."""
   config = setup.config
   batches = pipeline.eval_iterator(
@@ -147,7 +81,7 @@ def evaluate(setup: Setup, eval_step, params) -> dict[str, Any]:
   return classification.summarize(totals, setup.info.label_names)
 
 
-def checkpoint_meta(setup: Setup, examples_seen: int,
+def checkpoint_meta(setup: setup_lib.Setup, examples_seen: int,
                     history: dict[str, list]) -> dict[str, Any]:
   """What a checkpoint needs beside its arrays: the model, the data position
   (in examples), the history so far."""
@@ -170,7 +104,7 @@ def _examples_seen(meta: dict[str, Any]) -> int:
   return meta['data_position'] * old['batch_size']
 
 
-def _check_resume(setup: Setup, workdir: pathlib.Path) -> dict | None:
+def _check_resume(setup: setup_lib.Setup, workdir: pathlib.Path) -> dict | None:
   """The newest checkpoint's meta, after refusing config changes that matter."""
   directory = workdir / paths.CHECKPOINTS
   steps_on_disk = reader.complete_steps(directory)
@@ -217,9 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   non-finite loss, `lock.WorkdirBusyError` while another run holds the
   workdir, and ValueError subclasses for bad input, before compiling.
   """
-  with _before_compiling():
+  with setup_lib.before_compiling():
     workdir = paths.prepare_for_writing(workdir)
-    setup = create_setup(config)
+    setup = setup_lib.create_setup(config)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:
       lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
@@ -227,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         logging.warning('The previous run on %s (%s) ended without releasing '
                         'it (killed?); resuming from its newest checkpoint.',
                         workdir, lock_lib.describe(lock.previous))
-    with _before_compiling():
+    with setup_lib.before_compiling():
       meta = _check_resume(setup, workdir)
     finished = _finished_result(workdir, meta, setup.total_steps)
     if finished:
@@ -236,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    progress_lib.result_line(finished))
       return finished
     if jax.process_index() == 0:
-      files.write_json(workdir / paths.CONFIG, resolved_config(setup))
+      files.write_json(workdir / paths.CONFIG, setup_lib.resolved_config(setup))
     _log_start(setup, workdir)
     # Watch SIGTERM from the start: a preemption during compilation still
     # gets its checkpoint, after the first step.
@@ -248,18 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     return _train_loop(setup, workdir, preemption, writer, ckpt)
 
 
-def resolved_config(setup: Setup) -> dict[str, Any]:
-  """The config as given, and the values its zeros and blanks resolved to."""
-  return {'config': setup.config.to_dict(),
-          'resolved': {'total_steps': setup.total_steps,
-                       'image_size': list(setup.image_size),
-                       'num_classes': setup.info.num_classes,
-                       'train_split': (setup.config.train_split
-                                       or setup.info.train_split),
-                       'eval_split': setup.eval_split}}
-
-
-def _log_start(setup: Setup, workdir: pathlib.Path) -> None:
+def _log_start(setup: setup_lib.Setup, workdir: pathlib.Path) -> None:
   logging.info('Config (also in %s):\n%s', workdir / paths.CONFIG,
                setup.config)
   mesh = ' x '.join(f'{name} {size}' for name, size in setup.mesh.shape.items())
@@ -267,7 +190,7 @@ def _log_start(setup: Setup, workdir: pathlib.Path) -> None:
       '%s (%s params) on %s, %dx%d px, %d classes; %d steps of batch %d; '
       'mesh %s over %d %s device(s) in %d process(es).',
       setup.config.model_name,
-      f'{vit.count_params(setup.model, setup.image_size):,}',
+      f'{models.count_params(setup.model, setup.image_size):,}',
       setup.config.dataset, *setup.image_size, setup.info.num_classes,
       setup.total_steps, setup.config.batch_size, mesh, jax.device_count(),
       jax.default_backend(), jax.process_count())
@@ -282,13 +205,13 @@ def _compile(train_step, state: state_lib.State, batch: pipeline.Batch):
   return compiled
 
 
-def _train_loop(setup: Setup, workdir: pathlib.Path,
+def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                 preemption: guards.PreemptionWatcher,
                 writer: progress_lib.MetricWriter,
                 ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
   config = setup.config
   examples_seen, history = 0, None
-  with _before_compiling():
+  with setup_lib.before_compiling():
     if ckpt.latest_step() is not None:
       # Restored straight onto the devices: no initial state is built first.
       abstract, shardings = abstract_train_state(setup)

@@ -1,0 +1,67 @@
+"""Every program speaks the same vocabulary: --help, usage errors, exit codes."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROGRAMS = {'main': 'vit-train', 'export': 'vit-export',
+            'predict': 'vit-predict', 'inspect': 'vit-inspect',
+            'evaluate': 'vit-evaluate'}
+# The shared model flags (vit_jax.cli) of the programs that read a model.
+MODEL_FLAGS = ('--model', '--step', '--model_name', '--image_size', '--labels')
+
+
+def _run(*args: str, program: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', f'vit_jax.{program}', *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('program', sorted(PROGRAMS))
+def test_help_exits_0_and_a_bad_flag_is_one_usage_line(program):
+  help_ = _run('--help', program=program)
+  assert help_.returncode == 0, help_.stderr
+  if program == 'main':
+    assert '--config' in help_.stdout and '--workdir' in help_.stdout
+  else:
+    for flag in MODEL_FLAGS:
+      assert flag in help_.stdout, (program, flag)
+    if program != 'predict':
+      assert '--output' in help_.stdout
+  bad = _run('--no_such_flag=1', program=program)
+  assert bad.returncode == 2
+  assert bad.stderr.splitlines()[0] == (
+      'error: Unknown command line flag \'no_such_flag\'')
+  assert 'Traceback' not in bad.stderr
+
+
+@pytest.mark.parametrize('program', ['export', 'predict', 'inspect',
+                                     'evaluate'])
+def test_a_missing_model_is_named(program, tmp_path):
+  missing = tmp_path / 'nothing_here'
+  args = [f'--model={missing}']
+  if program != 'predict':
+    args.append(f'--output={tmp_path / "out"}')
+  if program != 'export':
+    args.append(str(REPO))  # images or data to read
+  result = _run(*args, program=program)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines()[0] == (
+      f'error: --model={missing}: no such file or directory.')
+
+
+@pytest.mark.parametrize('program,script', sorted(PROGRAMS.items()))
+def test_console_scripts_are_installed(program, script):
+  path = shutil.which(script, path=os.path.dirname(sys.executable))
+  if path is None:
+    pytest.skip(f'{script} not installed here (pip install -e . makes it)')
+  result = subprocess.run([path, '--help'], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.returncode == 0, result.stderr
+  # The same program: its docstring and flags, as `python -m` shows them.
+  module_help = _run('--help', program=program).stdout
+  assert result.stdout.splitlines()[:3] == module_help.splitlines()[:3]
+  assert ('--model' if program != 'main' else '--workdir') in result.stdout
