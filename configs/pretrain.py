@@ -19,7 +19,8 @@
       ViT-S/16, GAP head, 90 epochs at batch 1024, Adam lr 1e-3, decoupled wd
       1e-4, 10k warmup steps, cosine, RandAugment(2, 10), mixup 0.2, 224px.
       python -m vit_jax.main --config=configs/pretrain.py:imagenet_s16 \
-          --workdir=gs://.../vit_s16 --config.data_dir=...
+          --workdir=/data/runs/vit_s16 --config.data_dir=...
+      (a workdir is a local or NFS path shared by all hosts)
       Reported: 76.5% top-1 after 90 epochs on a TPUv3-8 in ~7h (the paper);
       not run here (no ImageNet on this machine).
 

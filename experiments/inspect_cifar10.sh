@@ -8,12 +8,11 @@
 #   python -m vit_jax.main --config=configs/pretrain.py:cifar10 \
 #       --workdir=/tmp/vit_cifar10_run --config.data_dir=../shared/data/tensorflow_datasets
 # Another model: set MODEL, e.g.
-#   MODEL="--workdir=/tmp/other_run" experiments/inspect_cifar10.sh
+#   MODEL="--model=/tmp/other_run" experiments/inspect_cifar10.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-experiments/inspect}
-MODEL=${MODEL:---workdir=/tmp/vit_cifar10_run}
-LABELS=airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
+MODEL=${MODEL:---model=/tmp/vit_cifar10_run}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
@@ -31,13 +30,11 @@ for i, ex in enumerate(tfds.as_numpy(tfds.load(
 PY
 
 # In distribution: CIFAR-10 test images (maps, distances over all 512).
-python -m vit_jax.inspect $MODEL --label_names=$LABELS --per_layer \
-    --images="$TMP/cifar10_test" --max_images=512 --num_show=8 \
-    --out="$TMP/cifar10"
+python -m vit_jax.inspect $MODEL --per_layer --max_images=512 --num_show=8 \
+    --output="$TMP/cifar10" "$TMP/cifar10_test"
 # Real photos of all 1000 ImageNet classes, seen at the model's 32x32.
-python -m vit_jax.inspect $MODEL --label_names=$LABELS --per_layer \
-    --images="$DATA/imagenet_samples" --max_images=1000 --num_show=8 \
-    --out="$TMP/imagenet"
+python -m vit_jax.inspect $MODEL --per_layer --max_images=1000 --num_show=8 \
+    --output="$TMP/imagenet" "$DATA/imagenet_samples"
 
 mkdir -p "$OUT"
 for f in posemb_similarity embedding_filters attention_rollout \

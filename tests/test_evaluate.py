@@ -22,7 +22,7 @@ def trained(tfds_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def test_folder(tfds_data_dir, tmp_path_factory):
+def png_folder(tfds_data_dir, tmp_path_factory):
   """The same 200 test images as lossless PNGs in <class>/ folders."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -45,7 +45,7 @@ def _evaluate(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_evaluate_equals_the_trainers_evaluation(trained, tfds_data_dir,
-                                                 test_folder, tmp_path):
+                                                 png_folder, tmp_path):
   workdir, result = trained
   out = tmp_path / 'tfds'
   tfds_run = _evaluate(f'--model={workdir}', 'tfds:cifar10:test[:200]',
@@ -69,7 +69,7 @@ def test_evaluate_equals_the_trainers_evaluation(trained, tfds_data_dir,
                       'tiny', platforms=('cpu',))
   for model in (workdir, tmp_path / 'export'):
     folder_out = tmp_path / f'folder_{model.name}'
-    folder_run = _evaluate(f'--model={model}', str(test_folder),
+    folder_run = _evaluate(f'--model={model}', str(png_folder),
                            '--batch_size=64', f'--output={folder_out}')
     assert folder_run.returncode == 0, folder_run.stderr
     folder = json.loads((folder_out / 'metrics.json').read_text())
@@ -80,12 +80,12 @@ def test_evaluate_equals_the_trainers_evaluation(trained, tfds_data_dir,
     assert folder['per_class_count'] == metrics['per_class_count']
 
 
-def test_unreadable_files_are_named_and_left_out(trained, test_folder,
+def test_unreadable_files_are_named_and_left_out(trained, png_folder,
                                                  tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   workdir, _ = trained
   folder = tmp_path / 'folder'
-  shutil.copytree(test_folder, folder)
+  shutil.copytree(png_folder, folder)
   (folder / 'cat' / 'broken.png').write_bytes(b'\x89PNG not really')
   result = _evaluate(f'--model={workdir}', str(folder))
   assert result.returncode == 1
@@ -103,15 +103,15 @@ def test_unreadable_files_are_named_and_left_out(trained, test_folder,
     (['tfds:cifar10:tset'], "Unknown or invalid split 'tset'"),
     (['/nonexistent'], '/nonexistent is not a folder'),
 ], ids=['no-data', 'data-dir', 'classes', 'split', 'missing'])
-def test_usage_errors_exit_2(trained, test_folder, tfds_data_dir, tmp_path,
+def test_usage_errors_exit_2(trained, png_folder, tfds_data_dir, tmp_path,
                              args, message):
   workdir, _ = trained
   odd = tmp_path / 'odd'
   for name in ('dog', 'koala'):
     (odd / name).mkdir(parents=True)
     (odd / name / 'x.png').write_bytes(
-        (next(test_folder.glob('dog/*.png'))).read_bytes())
-  args = [a.format(folder=test_folder, odd=odd) for a in args]
+        (next(png_folder.glob('dog/*.png'))).read_bytes())
+  args = [a.format(folder=png_folder, odd=odd) for a in args]
   if any(a.startswith('tfds:') for a in args):
     args.append(f'--data_dir={tfds_data_dir}')
   result = _evaluate(f'--model={workdir}', *args)

@@ -46,6 +46,14 @@ def test_readers_in_a_loop_never_disturb_a_run_saving_every_step(
   assert proc.returncode == 0, output
   assert 'Could not write checkpoint' not in output
   assert predicted.returncode == 0, predicted.stderr
+  # Logs a person can follow: what compiles and how long it took, no start-up
+  # noise of TensorFlow, XLA or JAX's backend probing, no Orbax chatter.
+  assert 'Compiling the train step...' in output and 'Compiled in ' in output
+  for noise in ('oneDNN', 'absl::InitializeLog', 'cpu_feature_guard',
+                "Unable to initialize backend 'tpu'", 'orbax',
+                'checkpoint_manager.py', 'async_checkpointer.py'):
+    assert noise not in output, noise
+    assert noise not in predicted.stderr, noise
   assert reads >= 5 and len(steps_read) >= 3, (reads, steps_read)
   assert runs.complete_steps(workdir) == [39, 40]
   for step in (39, 40):  # every kept step whole and readable
@@ -170,6 +178,12 @@ def test_a_finished_run_says_so_and_changes_nothing(tfds_data_dir, four_steps,
   assert 'This run finished already; nothing to do' in caplog.text
   assert {p: (p.stat().st_mtime_ns, p.stat().st_size)
           for p in workdir.rglob('*') if p.name != 'LOCK'} == files
+
+
+def test_a_workdir_named_by_a_relative_path_reads(four_steps, monkeypatch):
+  monkeypatch.chdir(four_steps.parent)
+  source = sources.load(four_steps.name)
+  assert source.step == 4 and source.origin['path'] == str(four_steps)
 
 
 def test_readers_of_a_workdir_without_a_complete_checkpoint_say_so(tmp_path):

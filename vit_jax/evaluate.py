@@ -100,8 +100,13 @@ def evaluate_folder(root: str, batch_size: int) -> tuple[dict, list, list]:
 def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   """(totals, label names) of a TFDS split, through the trainer's pipeline."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vit_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
+  try:
+    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise cli.UsageError(f'{spec} reads TFDS through tf.data, which needs '
+                         f'TensorFlow ({e}): pip install "vit_jax[train]", or '
+                         'evaluate on an image folder.') from None
   from vit_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   from vit_jax.training import steps  # pylint: disable=g-import-not-at-top

@@ -44,7 +44,7 @@ class StoredRun:
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
   """`workdir/checkpoints`; FileNotFoundError if `workdir` is no training workdir."""
-  directory = pathlib.Path(workdir) / paths.CHECKPOINTS
+  directory = pathlib.Path(workdir).absolute() / paths.CHECKPOINTS
   if not directory.is_dir():
     what = ('does not exist' if not pathlib.Path(workdir).exists() else
             'is not a training workdir: it has no checkpoints/ directory')
