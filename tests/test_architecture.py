@@ -28,6 +28,11 @@ FORBIDDEN = {
     'vit_jax.predict': ('flax', 'optax', 'orbax', 'tensorflow'),
     'vit_jax.inspect': ('tensorflow',),
     'vit_jax.evaluate': ('flax', 'tensorflow'),
+    'vit_jax.planning': ('tensorflow',),
+    'vit_jax.plan': ('tensorflow',),
+    'vit_jax.data.presets': ('tensorflow', 'jax'),
+    'vit_jax.training.setup': ('tensorflow',),
+    'vit_jax.training.programs': ('tensorflow',),
 }
 _SCRIPT = '''
 import importlib, pkgutil, sys

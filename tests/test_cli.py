@@ -10,7 +10,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROGRAMS = {'main': 'vit-train', 'export': 'vit-export',
             'predict': 'vit-predict', 'inspect': 'vit-inspect',
-            'evaluate': 'vit-evaluate'}
+            'evaluate': 'vit-evaluate', 'plan': 'vit-plan'}
 # The shared model flags (vit_jax.cli) of the programs that read a model.
 MODEL_FLAGS = ('--model', '--step', '--model_name', '--image_size', '--labels')
 
@@ -24,8 +24,9 @@ def _run(*args: str, program: str) -> subprocess.CompletedProcess:
 def test_help_exits_0_and_a_bad_flag_is_one_usage_line(program):
   help_ = _run('--help', program=program)
   assert help_.returncode == 0, help_.stderr
-  if program == 'main':
-    assert '--config' in help_.stdout and '--workdir' in help_.stdout
+  if program in ('main', 'plan'):
+    assert '--config' in help_.stdout
+    assert ('--workdir' if program == 'main' else '--topology') in help_.stdout
   else:
     for flag in MODEL_FLAGS:
       assert flag in help_.stdout, (program, flag)
@@ -64,4 +65,5 @@ def test_console_scripts_are_installed(program, script):
   # The same program: its docstring and flags, as `python -m` shows them.
   module_help = _run('--help', program=program).stdout
   assert result.stdout.splitlines()[:3] == module_help.splitlines()[:3]
-  assert ('--model' if program != 'main' else '--workdir') in result.stdout
+  assert {'main': '--workdir', 'plan': '--topology'}.get(
+      program, '--model') in result.stdout

@@ -169,7 +169,9 @@ def test_card_describes_the_model_and_vouches_for_every_file(
   assert card['label_names'][:3] == ['airplane', 'automobile', 'bird']
   assert card['image_size'] == [32, 32]
   assert card['preprocessing']['resize'] == 'resize'
-  assert card['preprocessing']['value_range'] == [-1.0, 1.0]
+  assert card['preprocessing']['mean'] == card['preprocessing']['std'] == [
+      0.5, 0.5, 0.5]  # [-1, 1]
+  assert card['preprocessing']['interpolation'] == 'bilinear'
   assert card['step'] == 2
   assert card['source']['checkpoint'] == str(workdir / 'checkpoints' / '2')
   npz_file = tmp_path / 'step2' / 'step2.npz'

@@ -167,7 +167,8 @@ def test_predict_npz_on_real_photos_prints_label_names_and_reports_bad_files(
 def test_predict_export_runs_stablehlo_without_model_code(
     imagenet_npz, imagenet_samples, photo_folder, tmp_path):
   export.write_export(sources.from_npz(
-      imagenet_npz, 'ViT-Ti_16', resize='resize_crop',
+      imagenet_npz, 'ViT-Ti_16',
+      preprocessing=images.Preprocessing(resize='resize_crop'),
       labels=imagenet_samples / 'tfds_imagenet2012_labels.txt'),
       tmp_path / 'export', 'tiny', platforms=('cpu',))
   # In-process with model code, as the reference.

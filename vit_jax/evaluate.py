@@ -65,7 +65,7 @@ def _folder_batches(classifier, root: str, batch_size: int):
 
   def batches():
     for chunk in images.read_batches(paths, classifier.image_size,
-                                     classifier.resize, batch_size):
+                                     classifier.preprocessing, batch_size):
       good = [(p, x) for p, x in chunk if isinstance(x, np.ndarray)]
       errors.extend((p, x) for p, x in chunk if isinstance(x, Exception))
       if good:
@@ -86,7 +86,7 @@ def evaluate_folder(root: str, batch_size: int) -> tuple[dict, list, list]:
   batches, errors, count = _folder_batches(classifier, root, batch_size)
   sys.stderr.write(f'{classifier.description}: {count} image(s) in {root}, '
                    f'{classifier.image_size[0]}x{classifier.image_size[1]} '
-                   f'{classifier.resize}\n')
+                   f'{classifier.preprocessing.describe()}\n')
   sums = jax.jit(classification.batch_sums)
   step = lambda _, batch: sums(classifier.logits(batch[0]), *batch[1:])
   totals = classification.run(step, None, batches,
@@ -110,8 +110,15 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   from vit_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   from vit_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from vit_jax.serving import images  # pylint: disable=g-import-not-at-top
   name, _, split = spec[len(TFDS_PREFIX):].partition(':')
   source = cli.load_model_source()
+  if source.preprocessing != images.Preprocessing(
+      resize=source.preprocessing.resize):
+    raise cli.UsageError(
+        f'{spec} is read by the training pipeline (TF bilinear resizing, '
+        f'[-1, 1]); this model wants {source.preprocessing.describe()}: '
+        'evaluate it on an image folder instead.')
   try:
     src = data_sources.open_source(name, _DATA_DIR.value, None)
     split = data_sources.check_split(src, name, split or src.preset.eval_split)
@@ -125,10 +132,11 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   batches = pipeline.eval_iterator(
       name, split=split, data_dir=_DATA_DIR.value,
       global_batch_size=batch_size, image_size=source.image_size,
-      sharding=mesh.batch_sharding(devices), resize=source.resize)
+      sharding=mesh.batch_sharding(devices),
+      resize=source.preprocessing.resize)
   sys.stderr.write(f'{source.model_name} from {source.origin["path"]}: '
                    f'{name} {split}, {source.image_size[0]}x'
-                   f'{source.image_size[1]} {source.resize}\n')
+                   f'{source.image_size[1]} {source.preprocessing.describe()}\n')
   totals = classification.run(jax.jit(steps.make_eval_step(source.model)),
                               source.params, batches, len(batches))
   return totals, source.label_names or src.label_names

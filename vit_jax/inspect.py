@@ -61,7 +61,8 @@ def main(argv: list[str]) -> None:
 
   def batches():
     nonlocal failed
-    for chunk in images.read_batches(paths, size, 'resize', batch_size):
+    for chunk in images.read_batches(paths, size, source.preprocessing,
+                                     batch_size):
       pixels = []
       for path, result in chunk:
         if isinstance(result, Exception):
@@ -72,8 +73,8 @@ def main(argv: list[str]) -> None:
           good.append(path)
           pixels.append(result)
       if pixels:
-        yield (images.to_unit_range(images.stack_padded(pixels, batch_size)),
-               len(pixels))
+        yield (images.normalize(images.stack_padded(pixels, batch_size),
+                                source.preprocessing), len(pixels))
 
   arrays = inspection.inspect_model(model, params, size, batches(),
                                     _NUM_FILTERS.value)

@@ -67,7 +67,7 @@ def predict_files(classifier: classifier_lib.Classifier, paths: list[str], *,
   failed = 0
   batch_size = min(batch_size, len(paths))
   for chunk in images.read_batches(paths, classifier.image_size,
-                                   classifier.resize, batch_size):
+                                   classifier.preprocessing, batch_size):
     good = [x for _, x in chunk if isinstance(x, np.ndarray)]
     if good:
       logits = classifier.logits(images.stack_padded(good, batch_size))
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     cli.fail(f'no image files in {" ".join(argv[1:])}')
   sys.stderr.write(f'{classifier.description}: {len(paths)} image(s), '
                    f'{classifier.image_size[0]}x{classifier.image_size[1]} '
-                   f'{classifier.resize}\n')
+                   f'{classifier.preprocessing.describe()}\n')
   failed = predict_files(classifier, paths, k=_TOP_K.value,
                          batch_size=_BATCH_SIZE.value,
                          output_format=_FORMAT.value)

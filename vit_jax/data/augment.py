@@ -7,7 +7,7 @@ only on the seed and the input. Images are float32 in [0, 255] until
 """
 import math
 
-import tensorflow as tf
+from vit_jax.data.tf import tf
 
 from vit_jax.data import preprocess
 

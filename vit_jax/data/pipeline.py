@@ -23,36 +23,24 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import jax
-import tensorflow as tf
 
 from vit_jax.data import augment
+from vit_jax.data import presets
 from vit_jax.data import preprocess
 from vit_jax.data import sources as data_sources
 from vit_jax.parallel import feed as device_feed
 from vit_jax.serving import images
+from vit_jax.data.tf import tf
 
 Batch = device_feed.Batch
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  train_split: str | None  # None for eval-only datasets (ImageNet ReaL, v2).
-  eval_split: str | None
-  num_train_examples: int
-  num_eval_examples: int
-  default_resolution: int
-  default_steps: int
-  label_names: list[str] | None = None
-
-
 def get_dataset_info(dataset: str, data_dir: str | None = None,
-                     manual_dir: str | None = None) -> DatasetInfo:
+                     manual_dir: str | None = None) -> presets.DatasetInfo:
   """Names, splits, sizes and defaults of a preset/TFDS/image-folder dataset."""
   src = data_sources.open_source(dataset, data_dir, manual_dir)
   p = src.preset
-  return DatasetInfo(
+  return presets.DatasetInfo(
       name=dataset, num_classes=src.num_classes, train_split=p.train_split,
       eval_split=p.eval_split,
       num_train_examples=src.num_examples(p.train_split) if p.train_split else 0,

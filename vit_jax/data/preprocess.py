@@ -12,7 +12,7 @@ Images flow as float32 in [0, 255] until `to_unit_range` maps them to [-1, 1].
 """
 from typing import Sequence
 
-import tensorflow as tf
+from vit_jax.data.tf import tf
 
 Size = tuple[int, int]
 

@@ -1,6 +1,6 @@
 """Where examples come from: TFDS datasets and image folders, as record streams.
 
-  * Any TFDS name (presets in `PRESETS` give splits, classes, resolution and
+  * Any TFDS name (presets in `presets.PRESETS` give splits, classes, resolution and
     steps). A dataset missing from `data_dir` is prepared (with `manual_dir`
     for manual downloads); a prepared copy is read as is, without network.
   * `'imagefolder:/root'` reads `root/<split>/<class>/<image files>` (the
@@ -21,42 +21,17 @@ import types
 import warnings
 from typing import Any
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.base import errors
+from vit_jax.data import presets
 from vit_jax.data import preprocess
+from vit_jax.data.tf import tf
 from vit_jax.serving import images
 
 FOLDER_PREFIX = 'imagefolder:'
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  train_split: str | None
-  eval_split: str
-  num_classes: int
-  resolution: int
-  steps: int
-  label_key: str = 'label'
-  multi_label_key: str | None = None  # Yielded as bool [B, C] 'real_labels'.
-
-
-# Splits/steps/resolution of Google's ViT fine-tuning configs (held-out tail
-# of train for validation); ReaL and v2 are evaluation-only ImageNet sets.
-PRESETS = {
-    'cifar10': Preset('train[:98%]', 'test', 10, 384, 10_000),
-    'cifar100': Preset('train[:98%]', 'test', 100, 384, 10_000),
-    'oxford_iiit_pet': Preset('train[:90%]', 'test', 37, 384, 500),
-    'oxford_flowers102': Preset('train', 'test', 102, 384, 500),
-    'imagenet2012': Preset('train[:99%]', 'validation', 1000, 384, 20_000),
-    'imagenet2012_real': Preset(None, 'validation', 1000, 384, 0,
-                                label_key='original_label',
-                                multi_label_key='real_label'),
-    'imagenet_v2': Preset(None, 'test', 1000, 384, 0),
-}
-FOLDER_PRESET = Preset('train', 'test', 0, 224, 500)
-_OTHER_TFDS_DEFAULTS = (224, 10_000)  # resolution, steps for non-preset names.
 
 
 class TfdsSource:
@@ -79,11 +54,11 @@ class TfdsSource:
     base = name.split('/')[0].split(':')[0]
     features = self.builder.info.features
     keys = self.builder.info.supervised_keys or ('image', 'label')
-    self.preset = PRESETS.get(base) or Preset(
+    self.preset = presets.PRESETS.get(base) or presets.Preset(
         *_default_splits(self.builder.info.splits.keys()), 0,
-        *_OTHER_TFDS_DEFAULTS,
+        *presets.OTHER_TFDS_DEFAULTS,
         label_key=keys[1])
-    self.image_key = keys[0] if base not in PRESETS else 'image'
+    self.image_key = keys[0] if base not in presets.PRESETS else 'image'
     label = features[self.preset.label_key]
     if not isinstance(label, tfds.features.ClassLabel):
       raise ValueError(f'Dataset {name!r}: feature {self.preset.label_key!r} '
@@ -157,7 +132,7 @@ class FolderSource:
                        f'({"/".join(sorted(images.IMAGE_EXTENSIONS))}); '
                        'expected root/{train,test}/<class>/<image files>.')
     train, test = _default_splits(self.files)
-    self.preset = dataclasses.replace(FOLDER_PRESET, num_classes=len(classes),
+    self.preset = dataclasses.replace(presets.FOLDER_PRESET, num_classes=len(classes),
                                       train_split=train, eval_split=test)
 
   def splits(self) -> list[str]:
@@ -236,10 +211,10 @@ def _mtimes(root: str) -> tuple[int, ...]:
 
 
 def _unknown_dataset(name: str) -> ValueError:
-  names = list(PRESETS) + ['imagefolder'] + list(tfds.list_builders())
+  names = list(presets.PRESETS) + ['imagefolder'] + list(tfds.list_builders())
   return ValueError(
       f'Unknown dataset {name!r}.{errors.did_you_mean(name, names, n=5)} Use a '
-      f'preset ({", ".join(PRESETS)}), any TFDS name (tfds.list_builders()), '
+      f'preset ({", ".join(presets.PRESETS)}), any TFDS name (tfds.list_builders()), '
       f'or "{FOLDER_PREFIX}/path/to/root".')
 
 

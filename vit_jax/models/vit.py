@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers
 from vit_jax.models import resnet
+from vit_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
@@ -117,8 +118,11 @@ class Encoder(nn.Module):
     # Stochastic depth grows linearly with depth, 0 at the first block.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1)
              for i in range(self.num_layers)]
+    # Activations stay split over the batch on a (data, fsdp) mesh.
+    x = mesh_lib.constrain_to_batch(x)
     if self.scan_layers:
-      body = lambda block, carry, rate: (block(carry, rate, not train), None)
+      body = lambda block, carry, rate: (mesh_lib.constrain_to_batch(
+          block(carry, rate, not train)), None)
       scan = nn.scan(body, variable_axes={'params': 0, 'intermediates': 0},
                      split_rngs={'params': True, 'dropout': True},
                      length=self.num_layers)
@@ -126,8 +130,8 @@ class Encoder(nn.Module):
                   jnp.asarray(rates, jnp.float32))
     else:
       for i, rate in enumerate(rates):
-        x = block_cls(**block_kwargs, name=f'encoderblock_{i}')(x, rate,
-                                                               not train)
+        x = mesh_lib.constrain_to_batch(block_cls(
+            **block_kwargs, name=f'encoderblock_{i}')(x, rate, not train))
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 

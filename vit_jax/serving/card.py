@@ -113,9 +113,10 @@ def _problems(card: Any) -> list[str]:
           and all(_is_int(s) for s in size)):
     problems.append(f'image_size={size!r} is not [height, width]')
   pre = card.get('preprocessing')
-  if not (isinstance(pre, dict) and pre.get('resize') in images.RESIZE_MODES):
-    problems.append('preprocessing.resize must be one of '
-                    f'{", ".join(images.RESIZE_MODES)}')
+  try:
+    images.Preprocessing.from_json(pre)
+  except (TypeError, KeyError, ValueError) as e:
+    problems.append(f'preprocessing is not a valid description ({e})')
   params = card.get('params')
   if not (isinstance(params, dict) and isinstance(params.get('sha256'), str)
           and isinstance(params.get('dtype'), str)):

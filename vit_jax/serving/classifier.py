@@ -2,7 +2,7 @@
 
 predict and evaluate run a model on batches of float32 [B, H, W, 3] pixels
 in [0, 255] (`images.eval_pixels`); a `Classifier` is that function with the
-resolution, resize mode and label names it needs. `from_export` runs an
+resolution, preprocessing and label names it needs. `from_export` runs an
 export's StableHLO function, without the model code; `sources.classifier`
 builds one from a Source, with it.
 """
@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from vit_jax.serving import card as card_lib
+from vit_jax.serving import images
 from vit_jax.serving import runtime
 
 
@@ -21,7 +22,7 @@ class Classifier:
   """What predict and evaluate need of a model, however it was loaded."""
   logits: Callable[[np.ndarray], np.ndarray]  # float32 [B, H, W, 3] 0..255
   image_size: tuple[int, int]
-  resize: str
+  preprocessing: images.Preprocessing
   label_names: list[str]
   description: str
 
@@ -33,7 +34,7 @@ def numbered(num_classes: int) -> list[str]:
 def from_export(path: str | os.PathLike) -> Classifier:
   """The StableHLO function of the export at `path` (card or folder)."""
   served = runtime.load(path)
-  return Classifier(served, served.image_size, served.resize,
+  return Classifier(served, served.image_size, served.preprocessing,
                     served.label_names or numbered(served.num_classes),
                     f'StableHLO export {served.card_path}')
 

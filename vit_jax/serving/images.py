@@ -28,6 +28,7 @@ samples at 224px; from the same decoded pixels they are identical
 """
 from collections.abc import Iterable, Iterator, Sequence
 import concurrent.futures
+import dataclasses
 import os
 import pathlib
 
@@ -134,16 +135,118 @@ def resize_shorter_and_crop(image: np.ndarray, size: Size,
   return resized[top:top + size[0], left:left + size[1]]
 
 
-def eval_pixels(image: np.ndarray, size: Size, mode: str = 'resize'
+INTERPOLATIONS = ('bilinear', 'pil_bilinear', 'pil_bicubic')
+_PIL_FILTERS = {'pil_bilinear': Image.BILINEAR, 'pil_bicubic': Image.BICUBIC}
+UNIT_RANGE = (0.5, 0.5, 0.5)  # mean = std = 0.5: [0, 255] -> [-1, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How a model's evaluation turns a decoded image into its input.
+
+  resize         'resize' (to the model's size) or 'resize_crop' (shorter
+                 side to the size / crop_fraction, then the centre);
+  crop_fraction  with 'resize_crop'; 0.875 = 224 / 256;
+  interpolation  'bilinear': TF's arithmetic, as this library trains and
+                 evaluates (half-pixel centres, no antialiasing, the shorter
+                 side rounded); 'pil_bilinear' / 'pil_bicubic': Pillow's
+                 antialiased filters, as timm's and Hugging Face's
+                 evaluation transforms (the shorter side floored, as timm);
+  mean, std      per channel, of pixels scaled to [0, 1]: the model sees
+                 (x / 255 - mean) / std; 0.5 / 0.5 is [-1, 1].
+  The defaults are this library's; timm and Hugging Face checkpoints bring
+  their own (`from_json` reads a card's).
+  """
+  resize: str = 'resize'
+  crop_fraction: float = CROP_FRACTION
+  interpolation: str = 'bilinear'
+  mean: tuple[float, float, float] = UNIT_RANGE
+  std: tuple[float, float, float] = UNIT_RANGE
+
+  def __post_init__(self):
+    if self.resize not in RESIZE_MODES:
+      raise ValueError(f'Resize mode {self.resize!r} is not supported; '
+                       f'allowed: {", ".join(RESIZE_MODES)}.')
+    if self.interpolation not in INTERPOLATIONS:
+      raise ValueError(f'Interpolation {self.interpolation!r} is not '
+                       f'supported; allowed: {", ".join(INTERPOLATIONS)}.')
+    if not 0 < self.crop_fraction <= 1:
+      raise ValueError(f'crop_fraction={self.crop_fraction} must be in (0, 1].')
+    if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+      raise ValueError(f'mean {self.mean} and std {self.std} must be three '
+                       'numbers each, std positive.')
+
+  def to_json(self) -> dict:
+    return {'resize': self.resize, 'crop_fraction': (
+        self.crop_fraction if self.resize == 'resize_crop' else None),
+            'interpolation': self.interpolation, 'mean': list(self.mean),
+            'std': list(self.std)}
+
+  @classmethod
+  def from_json(cls, value: dict) -> 'Preprocessing':
+    return cls(resize=value['resize'],
+               crop_fraction=value.get('crop_fraction') or CROP_FRACTION,
+               interpolation=value.get('interpolation', 'bilinear'),
+               mean=tuple(value.get('mean', UNIT_RANGE)),
+               std=tuple(value.get('std', UNIT_RANGE)))
+
+  def describe(self) -> str:
+    crop = (f' {self.crop_fraction:g}' if self.resize == 'resize_crop'
+            else '')
+    scale = ('' if (self.mean, self.std) == (UNIT_RANGE, UNIT_RANGE) else
+             f', mean {list(self.mean)} std {list(self.std)}')
+    return f'{self.resize}{crop} {self.interpolation}{scale}'
+
+
+def _as_preprocessing(preprocessing: 'Preprocessing | str') -> Preprocessing:
+  if isinstance(preprocessing, Preprocessing):
+    return preprocessing
+  return Preprocessing(resize=preprocessing)
+
+
+def _resize_pil(image: np.ndarray, size: Size, interpolation: str
                 ) -> np.ndarray:
-  """Decoded uint8 RGB -> float32 [size, 3] in [0, 255], resized like eval."""
-  if mode not in RESIZE_MODES:
-    raise ValueError(f'Resize mode {mode!r} is not supported; allowed: '
-                     f'{", ".join(RESIZE_MODES)}.')
+  resized = Image.fromarray(np.asarray(image, np.uint8)).resize(
+      (size[1], size[0]), _PIL_FILTERS[interpolation])
+  return np.asarray(resized, np.float32)
+
+
+def eval_pixels(image: np.ndarray, size: Size,
+                preprocessing: 'Preprocessing | str' = 'resize'
+                ) -> np.ndarray:
+  """Decoded uint8 RGB -> float32 [size, 3] in [0, 255], resized like eval.
+
+  `preprocessing` is a Preprocessing, or a resize mode for this library's.
+  """
+  p = _as_preprocessing(preprocessing)
   size = (int(size[0]), int(size[1]))
-  if mode == 'resize':
-    return resize_bilinear(image, size)
-  return resize_shorter_and_crop(image, size)
+  if p.interpolation == 'bilinear':
+    if p.resize == 'resize':
+      return resize_bilinear(image, size)
+    return resize_shorter_and_crop(image, size, p.crop_fraction)
+  if p.resize == 'resize':
+    return _resize_pil(image, size, p.interpolation)
+  # timm's evaluation: shorter side to floor(size / crop_pct), centre crop.
+  target = int(max(size) / p.crop_fraction)
+  h, w = image.shape[:2]
+  scale = target / min(h, w)
+  new_hw = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+  resized = _resize_pil(image, new_hw, p.interpolation)
+  top, left = (new_hw[0] - size[0]) // 2, (new_hw[1] - size[1]) // 2
+  return resized[top:top + size[0], left:left + size[1]]
+
+
+def normalize(pixels, preprocessing: Preprocessing):
+  """[0, 255] -> the model's input range; numpy or jax arrays alike.
+
+  This library's own range is computed as x / 127.5 - 1, bit for bit what
+  training's evaluation computes.
+  """
+  if (preprocessing.mean, preprocessing.std) == (UNIT_RANGE, UNIT_RANGE):
+    return pixels / 127.5 - 1.0
+  mean = np.asarray(preprocessing.mean, np.float32)
+  std = np.asarray(preprocessing.std, np.float32)
+  return (pixels / 255.0 - mean) / std
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
@@ -151,10 +254,11 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
   return np.asarray(pixels, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def eval_image(image: np.ndarray, size: Size, mode: str = 'resize'
-               ) -> np.ndarray:
-  """`preprocess.eval_image` after decoding: float32 [size, 3] in [-1, 1]."""
-  return to_unit_range(eval_pixels(image, size, mode))
+def eval_image(image: np.ndarray, size: Size,
+               preprocessing: 'Preprocessing | str' = 'resize') -> np.ndarray:
+  """`preprocess.eval_image` after decoding: float32 [size, 3], normalized."""
+  p = _as_preprocessing(preprocessing)
+  return np.asarray(normalize(eval_pixels(image, size, p), p), np.float32)
 
 
 def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -190,7 +294,8 @@ def class_folder(root: str | os.PathLike) -> dict[str, list[str]]:
           for d in sorted(root.iterdir()) if d.is_dir()}
 
 
-def read_pixels(path: str | os.PathLike, size: Size, mode: str = 'resize'
+def read_pixels(path: str | os.PathLike, size: Size,
+                preprocessing: 'Preprocessing | str' = 'resize'
                 ) -> np.ndarray | Exception:
   """`eval_pixels` of a file, or the exception that reading it raised.
 
@@ -198,7 +303,7 @@ def read_pixels(path: str | os.PathLike, size: Size, mode: str = 'resize'
   bad one (Pillow raises OSError, ValueError, SyntaxError, ...).
   """
   try:
-    return eval_pixels(load_rgb(path), size, mode)
+    return eval_pixels(load_rgb(path), size, preprocessing)
   except Exception as e:  # pylint: disable=broad-except
     return e
 
@@ -212,15 +317,16 @@ def error_text(error: Exception) -> str:
   return f'{type(error).__name__}: {error}'
 
 
-def read_batches(paths: Sequence[str], size: Size, mode: str,
-                 batch_size: int, workers: int = 4
+def read_batches(paths: Sequence[str], size: Size,
+                 preprocessing: 'Preprocessing | str', batch_size: int,
+                 workers: int = 4
                  ) -> Iterator[list[tuple[str, np.ndarray | Exception]]]:
   """[(path, pixels or the read error)] per `batch_size` files, in order.
 
   Files are decoded and resized in threads (Pillow and numpy release the
   GIL for most of it), the next batch while the caller uses this one.
   """
-  read = lambda p: read_pixels(p, size, mode)
+  read = lambda p: read_pixels(p, size, preprocessing)
   chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
   workers = max(1, min(workers, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -13,10 +13,11 @@ The StableHLO function (`jax.export`, symbolic batch dimension) is
   params  dict {flat name: array}, exactly the arrays of <name>.safetensors
           (float32, or bfloat16 for a --bfloat16 export; cast up inside).
   pixels  float32 [batch, height, width, 3], RGB in [0, 255], already
-          resized to the card's `image_size` with its `preprocessing.resize`
-          mode (`vit_jax.images.eval_pixels`); any batch size. Resizing stays
-          outside because photos of different sizes cannot share a tensor.
-          The [0, 255] -> [-1, 1] scaling (x / 127.5 - 1) is inside.
+          resized to the card's `image_size` as its `preprocessing` says
+          (`vit_jax.serving.images.eval_pixels`); any batch size. Resizing
+          stays outside because photos of different sizes cannot share a
+          tensor. The scaling ((x / 255 - mean) / std; x / 127.5 - 1 for
+          this library's own models) is inside.
   returns float32 [batch, num_classes] logits.
 The weights are an argument rather than constants so that they are stored
 once (the safetensors file) and big models stay under the 2 GiB limit of a
@@ -49,7 +50,8 @@ class ExportedModel:
                exported: jax.export.Exported, params: dict[str, np.ndarray]):
     self.card_path, self.card = card_path, card
     self.image_size: tuple[int, int] = tuple(card['image_size'])
-    self.resize: str = card['preprocessing']['resize']
+    self.preprocessing = images.Preprocessing.from_json(
+        card['preprocessing'])
     self.num_classes: int = card['num_classes']
     self.label_names: list[str] | None = card['label_names']
     self._params = jax.device_put(params)  # Once, not per call.
@@ -57,7 +59,7 @@ class ExportedModel:
 
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """Decoded uint8 RGB [h, w, 3] -> this model's float32 [0, 255] input."""
-    return images.eval_pixels(image, self.image_size, self.resize)
+    return images.eval_pixels(image, self.image_size, self.preprocessing)
 
   def __call__(self, pixels: np.ndarray) -> np.ndarray:
     """float32 [batch, height, width, 3] in [0, 255] -> [batch, classes]."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from vit_jax.runs import paths
 from vit_jax.serving import card as card_lib
+from vit_jax.serving import images
 from vit_jax.sources.base import at_image_size
 from vit_jax.sources.base import classifier
 from vit_jax.sources.base import exported_logits_fn
@@ -92,7 +93,9 @@ def load(model: str | os.PathLike, *, model_name: str | None = None,
       raise ValueError(f'--model={model} is an .npz, which holds no '
                        'architecture: add --model_name (e.g. ViT-B_16).')
     source = from_npz(model, model_name, num_classes=num_classes,
-                      image_size=image_size, resize=resize or 'resize',
+                      image_size=image_size,
+                      preprocessing=images.Preprocessing(
+                          resize=resize or 'resize'),
                       overrides=overrides)
   if image_size:
     source = at_image_size(source, image_size)

@@ -2,7 +2,7 @@
 
 A `Source` holds the architecture (rebuilt for inference with
 INFERENCE_OPTIONS), its parameters as our model's own tree (numpy, encoder
-blocks unrolled), the resolution, label names, the eval resize mode and what
+blocks unrolled), the resolution, label names, the eval preprocessing and what
 it was loaded from. Google's original names exist only in the files written
 (`original_flat`) and inside the exported function (`exported_logits_fn`).
 """
@@ -21,6 +21,7 @@ from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
 from vit_jax import models
 from vit_jax.serving import classifier as serving_classifier
+from vit_jax.serving import images
 
 # Overrides for the exported/served model: params come unrolled, and remat,
 # scan and cuDNN attention only matter for training or on one platform.
@@ -36,7 +37,7 @@ class Source:
   params: dict[str, Any]  # our linen tree, numpy, blocks unrolled
   image_size: tuple[int, int]
   label_names: list[str] | None
-  resize: str  # eval preprocessing: serving.images.RESIZE_MODES
+  preprocessing: images.Preprocessing  # eval: resize, interpolation, scaling
   step: int | None
   origin: dict[str, Any]  # what the card records as its source
 
@@ -91,31 +92,33 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
                              image_size=image_size)
 
 
-def logits_fn(model: models.VisionTransformer
+def logits_fn(model: models.VisionTransformer,
+              preprocessing: images.Preprocessing = images.Preprocessing()
               ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
   """(linen params, float32 pixels in [0, 255]) -> logits."""
   def fn(params, pixels):
     # Cast up first: bfloat16 weights then compute like float32 ones rounded.
     params = jax.tree.map(lambda v: v.astype(model.param_dtype), params)
-    x = pixels.astype(jnp.float32) / 127.5 - 1.0  # images.to_unit_range
+    x = images.normalize(pixels.astype(jnp.float32), preprocessing)
     return model.apply({'params': params}, x, train=False)
   return fn
 
 
-def exported_logits_fn(model: models.VisionTransformer
+def exported_logits_fn(model: models.VisionTransformer,
+                       preprocessing: images.Preprocessing
                        ) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
   """`logits_fn` taking the flat original-named params of the exported files."""
-  fn = logits_fn(model)
+  fn = logits_fn(model, preprocessing)
   return lambda flat, pixels: fn(
       arrays.unflatten(layout.to_linen_layout(flat)), pixels)
 
 
 def classifier(source: Source) -> serving_classifier.Classifier:
   """`source` run with the model code, as predict and evaluate call it."""
-  fn = jax.jit(logits_fn(source.model))
+  fn = jax.jit(logits_fn(source.model, source.preprocessing))
   params = jax.device_put(source.params)
   return serving_classifier.Classifier(
       lambda pixels: np.asarray(fn(params, pixels)), source.image_size,
-      source.resize, source.label_names or serving_classifier.numbered(
+      source.preprocessing, source.label_names or serving_classifier.numbered(
           source.model.num_classes),
       f'{source.model_name} from {source.origin["path"]}')

@@ -63,12 +63,13 @@ def check_request(name: str, formats: tuple[str, ...],
 
 
 def _stablehlo(model: models.VisionTransformer, flat: dict[str, np.ndarray],
-               image_size: tuple[int, int], platforms: tuple[str, ...]
-               ) -> tuple[bytes, dict]:
+               image_size: tuple[int, int],
+               preprocessing: images.Preprocessing,
+               platforms: tuple[str, ...]) -> tuple[bytes, dict]:
   """Serialized exported_logits_fn (symbolic batch) and its card entry."""
   batch, = jax.export.symbolic_shape('batch')
-  exported = jax.export.export(jax.jit(base.exported_logits_fn(model)),
-                               platforms=platforms)(
+  exported = jax.export.export(jax.jit(base.exported_logits_fn(
+      model, preprocessing)), platforms=platforms)(
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
       jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32))
   h, w = image_size
@@ -93,7 +94,6 @@ def make_card(source: base.Source, name: str, flat: dict[str, np.ndarray],
               files: dict[str, dict], stablehlo: dict | None
               ) -> dict[str, Any]:
   """The JSON card of an export of `source` with params `flat`."""
-  crop = images.CROP_FRACTION if source.resize == 'resize_crop' else None
   return {
       'format': card_lib.CARD_FORMAT, 'name': name,
       'model': {'name': source.model_name,
@@ -102,11 +102,8 @@ def make_card(source: base.Source, name: str, flat: dict[str, np.ndarray],
       'label_names': source.label_names,
       'image_size': list(source.image_size),
       'preprocessing': {
-          'resize': source.resize, 'crop_fraction': crop,
-          'interpolation': 'bilinear, half-pixel centres, no antialiasing '
-                           '(tf.image.resize)',
-          'input_range': [0, 255], 'value_range': [-1.0, 1.0],
-          'scaling': 'x / 127.5 - 1'},
+          **source.preprocessing.to_json(), 'input_range': [0, 255],
+          'scaling': '(x / 255 - mean) / std, inside the StableHLO function'},
       'step': source.step, 'source': source.origin,
       'params': {'count': int(sum(v.size for v in flat.values())),
                  'dtype': next(iter(flat.values())).dtype.name,
@@ -166,7 +163,7 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
     if 'stablehlo' in formats:
       written['stablehlo'] = f'{name}.stablehlo'
       blob, stablehlo = _stablehlo(source.model, flat, source.image_size,
-                                   platforms)
+                                   source.preprocessing, platforms)
       (partial / written['stablehlo']).write_bytes(blob)
     files = {kind: {'path': path, 'bytes': (partial / path).stat().st_size,
                     'sha256': card_lib.file_sha256(partial / path)}
@@ -254,5 +251,6 @@ def from_export(path: str | os.PathLike) -> base.Source:
   return base.Source(model=model, model_name=card['model']['name'],
                      params=params, image_size=image_size,
                      label_names=card['label_names'],
-                     resize=card['preprocessing']['resize'], step=card['step'],
+                     preprocessing=images.Preprocessing.from_json(
+                         card['preprocessing']), step=card['step'],
                      origin={'kind': 'export', 'path': str(card_path)})

@@ -74,7 +74,7 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
              num_classes: int | None = None,
              image_size: tuple[int, int] | None = None,
              labels: str | os.PathLike | None = None,
-             resize: str = 'resize',
+             preprocessing: images.Preprocessing = images.Preprocessing(),
              overrides: Mapping[str, Any] | None = None) -> base.Source:
   """An `.npz` (any layout `load_npz` reads) as the named architecture.
 
@@ -87,13 +87,10 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
       embedding. Another grid than the stored one resizes the position
       embedding (`base.at_image_size`), as fine-tuning at a new resolution.
     labels: label names file (`serving.read_labels`).
-    resize: eval preprocessing, one of serving.images.RESIZE_MODES.
+    preprocessing: the eval preprocessing (default: this library's).
     overrides: model fields that win over those the arrays give (not over
       INFERENCE_OPTIONS).
   """
-  if resize not in images.RESIZE_MODES:
-    raise ValueError(f'eval_resize={resize!r}; allowed: '
-                     f'{", ".join(images.RESIZE_MODES)}.')
   if pathlib.Path(path).is_dir():
     path = pathlib.Path(path) / 'params.npz'
   params = base.inference_params(checkpoint.load_npz(path))
@@ -121,6 +118,6 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
       model=model, model_name=model_name, params=params,
       image_size=tuple(stored),
       label_names=card_lib.read_labels(labels, found) if labels else None,
-      resize=resize, step=None,
+      preprocessing=preprocessing, step=None,
       origin={'kind': 'npz', 'path': os.path.abspath(path)})
   return base.at_image_size(source, image_size) if image_size else source

@@ -13,6 +13,7 @@ import ml_collections
 
 from vit_jax import models
 from vit_jax.runs import reader
+from vit_jax.serving import images
 from vit_jax.sources import base
 
 
@@ -49,6 +50,8 @@ def from_workdir(workdir: str | os.PathLike, step: int | None = None
       model_name=trained.config.model_name,
       params=base.inference_params(trained.params),
       image_size=trained.image_size, label_names=trained.label_names,
-      resize=trained.config.get('eval_resize', 'resize'), step=trained.step,
+      preprocessing=images.Preprocessing(
+          resize=trained.config.get('eval_resize', 'resize')),
+      step=trained.step,
       origin={'kind': 'workdir', 'path': os.path.abspath(workdir),
               'checkpoint': os.path.abspath(trained.path)})

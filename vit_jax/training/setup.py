@@ -8,7 +8,7 @@ SetupError: a usage error for the program, one line.
 """
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,8 +17,7 @@ import optax
 
 from vit_jax import models
 from vit_jax import sources
-from vit_jax.data import pipeline
-from vit_jax.data import sources as data_sources
+from vit_jax.data import presets
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax.serving import images
 from vit_jax.training import config as config_lib
@@ -46,7 +45,7 @@ class Setup:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   model: models.VisionTransformer
-  info: pipeline.DatasetInfo
+  info: presets.DatasetInfo
   image_size: tuple[int, int]
   eval_split: str
   total_steps: int
@@ -54,32 +53,49 @@ class Setup:
   tx: optax.GradientTransformation
 
 
-def create_setup(config: ml_collections.ConfigDict) -> Setup:
-  """Checks the config and builds the pieces; ValueError (one line) on bad input.
-
-  The dataset is opened (its splits checked, the evaluation's too) and the
-  pretrained weights found before any step is compiled.
-  """
-  config_lib.check(config)
+def _opened_dataset(config: ml_collections.ConfigDict
+                    ) -> tuple[presets.DatasetInfo, str]:
+  """(info, eval split) of the config's dataset, its splits checked."""
+  # Imported here: only a run reads data (TensorFlow); a plan does not.
+  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
   info = pipeline.get_dataset_info(config.dataset, config.data_dir or None,
                                    config.manual_dir or None)
   src = data_sources.open_source(config.dataset, config.data_dir or None,
                                  config.manual_dir or None)
   data_sources.check_split(src, config.dataset,
                            config.train_split or info.train_split)
-  eval_split = data_sources.check_split(src, config.dataset,
-                                        config.eval_split or info.eval_split)
+  return info, data_sources.check_split(
+      src, config.dataset, config.eval_split or info.eval_split)
+
+
+def create_setup(config: ml_collections.ConfigDict,
+                 info: presets.DatasetInfo | None = None,
+                 devices: Sequence[jax.Device] | None = None) -> Setup:
+  """Checks the config and builds the pieces; ValueError (one line) on bad input.
+
+  The dataset is opened (its splits checked, the evaluation's too) and the
+  pretrained weights found before any step is compiled. A plan passes the
+  dataset's `info` (no data read, no weights needed) and the `devices` of the
+  slice it compiles for.
+  """
+  config_lib.check(config)
+  if info is None:
+    info, eval_split = _opened_dataset(config)
+    if config.pretrained.path:
+      sources.kind_of(config.pretrained.path)  # exists and is a model
+  else:
+    eval_split = config.eval_split or info.eval_split
+  devices = list(jax.devices() if devices is None else devices)
   image_size = images.as_size(config.image_size or info.default_resolution)
   model = models.create_model(config.model_name, info.num_classes,
-                           **models.options_from_json(config.model.to_dict()))
+                              **models.options_from_json(config.model.to_dict()))
   model.check_input_shape((1, *image_size, 3))
   total_steps = config.total_steps or info.default_steps
   config_lib.check_steps(config, total_steps)
-  config_lib.check_batch_sizes(config, jax.device_count(),
-                               jax.process_count())
-  if config.pretrained.path:
-    sources.kind_of(config.pretrained.path)  # exists and is a model
-  mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+  config_lib.check_batch_sizes(config, len(devices),
+                               len({d.process_index for d in devices}))
+  mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
   schedule = optim.create_schedule(config, total_steps)
   return Setup(config, mesh, model, info, image_size, eval_split, total_steps,
                schedule, optim.create_optimizer(config, schedule))

@@ -3,8 +3,8 @@
 Reads top to bottom: the train state (from scratch, from pretrained weights
 or restored), evaluation, what a checkpoint stores beside its arrays, the
 resume checks, then `train_and_evaluate`: the workdir's lock, and the loop.
-The setup derived from the config is in `setup`, the step functions in
-`steps`, the state's layout in `state`.
+The setup derived from the config is in `setup`, the jitted programs in
+`programs` (the step functions in `steps`), the state's layout in `state`.
 """
 import contextlib
 import json
@@ -28,21 +28,10 @@ from vit_jax.runs import resume
 from vit_jax.runs import state_checkpoint
 from vit_jax.training import finetune
 from vit_jax.training import guards
+from vit_jax.training import programs
 from vit_jax.training import progress as progress_lib
 from vit_jax.training import setup as setup_lib
 from vit_jax.training import state as state_lib
-from vit_jax.training import steps
-
-
-def _init_fn(setup: setup_lib.Setup):
-  return state_lib.make_init_fn(setup.model, setup.tx, setup.image_size)
-
-
-def abstract_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any]:
-  """The state's shapes, dtypes and shardings, nothing allocated; shardings."""
-  return state_lib.abstract_state(_init_fn(setup), setup.mesh,
-                                  setup.config.seed,
-                                  setup.config.mesh.fsdp_min_size)
 
 
 def create_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any,
@@ -53,8 +42,8 @@ def create_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any,
   adapted to this model (`finetune`), and the record says what changed.
   """
   config = setup.config
-  init = _init_fn(setup)
-  _, shardings = abstract_train_state(setup)
+  init = programs.init_fn(setup)
+  _, shardings = programs.abstract_train_state(setup)
   if not config.pretrained.path:
     return state_lib.create_state(init, shardings, config.seed), shardings, None
   # Replicated, hence readable on every host, for the head's fresh init.
@@ -214,7 +203,7 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
   with setup_lib.before_compiling():
     if ckpt.latest_step() is not None:
       # Restored straight onto the devices: no initial state is built first.
-      abstract, shardings = abstract_train_state(setup)
+      abstract, shardings = programs.abstract_train_state(setup)
       state, meta = ckpt.restore(abstract)
       examples_seen = _examples_seen(meta)
       history = meta.get('history')
@@ -225,16 +214,8 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
         files.write_json(workdir / paths.ADAPTATION, adaptation)
 
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
-  train_step = jax.jit(
-      steps.make_train_step(
-          setup.model, setup.tx, setup.schedule,
-          label_smoothing=config.label_smoothing,
-          accum_steps=config.accum_steps,
-          skip_nonfinite=config.on_nonfinite == 'skip'),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, mesh_lib.replicated(setup.mesh)),
-      donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(setup.model))
+  train_step = programs.train_step(setup, shardings)
+  eval_step = programs.eval_step(setup)
   train_iter = pipeline.train_iterator(
       config.dataset, split=config.train_split or setup.info.train_split,
       data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,

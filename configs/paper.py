@@ -1,0 +1,94 @@
+"""The paper's setups at their scale (arXiv 2010.11929, Appendix B.1).
+
+  pretrain,B_16 | pretrain,L_16 | pretrain,H_14
+      224px, batch 4096, Adam (b1 0.9, b2 0.999), weight decay 0.1, linear
+      warmup 10k steps then linear decay, grad-norm clipping 1, 90 epochs of
+      ImageNet-21k's 14.2M images (JFT-300M is not public). The dataset is a
+      TFDS name you have prepared (--config.dataset); plans read no data and
+      take its classes from --num_classes (21843 for ImageNet-21k).
+  finetune384,<model> | finetune512,<model>
+      SGD momentum 0.9, batch 512, no weight decay, clipping 1, 500 warmup
+      steps then cosine, 20k steps on ImageNet at 384 or 512px (518 for
+      H_14, whose patches are 14 px), position embedding interpolated.
+
+Planned for TPU v3 slices with `python -m vit_jax.plan` (2026-12-01, jax
+0.10.2, libtpu 0.0.42.1; every number and command in experiments/README.md,
+"Planning"); the choices below are the plans':
+
+  pretrain,B_16 on v3:8x8 (128 cores, 32 images each): scan, no remat, data
+      parallel: fits, see _PLANNED.
+  pretrain,L_16 on v3:8x8: scan, remat 'dots', FSDP over 8.
+  pretrain,H_14 on v3:8x8: scan, remat 'full', FSDP over 16.
+  finetune384 / finetune512 on v3:2x2 (8 cores, 64 images each): see
+      _PLANNED.
+
+    python -m vit_jax.plan --config=configs/paper.py:pretrain,L_16 \
+        --topology=v3:8x8 --num_classes=21843
+    python -m vit_jax.main --config=configs/paper.py:pretrain,L_16 \
+        --config.dataset=<your ImageNet-21k TFDS name> --workdir=...
+"""
+import ml_collections
+
+from configs import common
+
+_PRETRAIN_EPOCHS, _IMAGENET21K_IMAGES = 90, 14_197_122
+# Per (setup, model): (fsdp, remat_policy), chosen from the plans.
+_PLANNED = {
+    ('pretrain', 'B_16'): (1, 'none'),
+    ('pretrain', 'L_16'): (8, 'dots'),
+    ('pretrain', 'H_14'): (16, 'full'),
+    ('finetune384', 'B_16'): (1, 'none'),
+    ('finetune384', 'L_16'): (1, 'dots'),
+    ('finetune384', 'H_14'): (8, 'full'),
+    ('finetune512', 'B_16'): (1, 'dots'),
+    ('finetune512', 'L_16'): (8, 'full'),
+    ('finetune512', 'H_14'): (8, 'full'),
+}
+_LEARNING_RATES = {'B_16': 1e-3, 'L_16': 1e-3, 'H_14': 1e-3}
+
+
+def get_config(arg: str = 'pretrain,B_16') -> ml_collections.ConfigDict:
+  setup, _, size = arg.partition(',')
+  if (setup, size) not in _PLANNED:
+    allowed = sorted({f'{s},{m}' for s, m in _PLANNED})
+    raise ValueError(f'Unknown paper config {arg!r}; allowed: '
+                     f'{", ".join(allowed)}.')
+  config = common.get_config()
+  config.model_name = f'ViT-{size}'
+  fsdp, remat = _PLANNED[(setup, size)]
+  config.model.scan_layers = True
+  config.model.remat_policy = remat
+  config.mesh.fsdp = fsdp
+  config.model.dtype = 'bfloat16'
+  config.grad_clip_norm = 1.0
+  if setup == 'pretrain':
+    config.dataset = 'imagenet21k'
+    config.image_size = 224
+    config.batch_size = 4096
+    config.eval_batch_size = 4096
+    config.total_steps = (_PRETRAIN_EPOCHS * _IMAGENET21K_IMAGES
+                          // config.batch_size)
+    config.optimizer.name = 'adamw'
+    config.optimizer.learning_rate = _LEARNING_RATES[size]
+    config.optimizer.weight_decay = 0.1
+    config.schedule.name = 'linear'
+    config.schedule.warmup_steps = 10_000
+    config.eval_resize = 'resize_crop'
+    config.checkpoint_every = 5000
+    config.eval_every = 10_000
+    return config
+  config.dataset = 'imagenet2012'
+  config.image_size = {'finetune384': 384, 'finetune512': 512}[setup]
+  if size == 'H_14':
+    config.image_size = {384: 392, 512: 518}[config.image_size]  # 14-px patches
+  config.pretrained.posemb_method = 'bilinear'
+  config.batch_size = 512
+  config.eval_batch_size = 512
+  config.total_steps = 20_000
+  config.optimizer.name = 'sgd'
+  config.optimizer.momentum = 0.9
+  config.optimizer.learning_rate = 0.01
+  config.schedule.name = 'cosine'
+  config.schedule.warmup_steps = 500
+  config.checkpoint_every = 1000
+  return config

@@ -1,0 +1,73 @@
+"""Plans a training run on a TPU slice, without a TPU.
+
+    python -m vit_jax.plan --config=configs/X.py:args --topology=v3:8x8
+        [--mode=train|eval|infer] [--json=FILE] [--num_classes=N]
+        [--config.<field>=<value> ...]
+
+Builds what `python -m vit_jax.main` would build for the config (same model,
+mesh rules, state shardings, optimizer and step), compiles it for the slice
+with libtpu (`pip install "vit_jax[tpu]"`) and reports memory per device
+against the chip's HBM (fits / does not fit, with a change that does),
+FLOPs, the compiler's time bound as images/s per chip and MFU, the
+collectives and the compile time (`vit_jax.planning`). The dataset is not
+read: presets give its classes (else --num_classes). Topologies are
+<generation>:<chips per dimension>: v2:2x2, v3:8x8, v4:4x4x4, v5e:16x16,
+v5p:8x8x8, v6e:16x16, ... Exit status 2 for a bad flag, config, topology or
+a missing libtpu, one `error:` line.
+"""
+import os
+import sys
+
+# Planning compiles for the slice; this process itself needs no accelerator.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vit_jax import cli  # noqa: E402
+from vit_jax.cli import configs  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. configs/pretrain.py:cifar10',
+    lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice, e.g. v3:8x8.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'infer'],
+                          'Which program to compile.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the plan here (JSON).')
+_NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', None, 'Classes of a dataset that is no preset.',
+    lower_bound=1)
+_SUGGEST = flags.DEFINE_bool('suggest', True, 'When it does not fit, compile '
+                             'changes until one fits (at most 3).')
+_UNROLLED_COST = flags.DEFINE_bool(
+    'unrolled_cost', True, 'For a program with loops (scan_layers, '
+    'accum_steps), also compile its unrolled twin for FLOPs and the time '
+    'bound, which XLA counts once per loop body.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.require('config', 'topology')
+  from vit_jax.base import files  # pylint: disable=g-import-not-at-top
+  from vit_jax.planning import plan  # pylint: disable=g-import-not-at-top
+  try:
+    result = plan.make_plan(_CONFIG.value, _TOPOLOGY.value, mode=_MODE.value,
+                            num_classes=_NUM_CLASSES.value,
+                            suggest=_SUGGEST.value,
+                            unrolled_cost=_UNROLLED_COST.value)
+  except ValueError as e:  # topology, config, mesh: before compiling
+    raise cli.UsageError(str(e)) from None
+  print(plan.report(result))
+  if _JSON.value:
+    files.write_json(_JSON.value, result)
+
+
+def run() -> None:
+  """The `vit-plan` console script."""
+  cli.run(main, flags_parser=configs.parse_flags)
+
+
+if __name__ == '__main__':
+  run()
+  sys.exit(0)
