@@ -3,7 +3,7 @@
     python experiments/plan_slices.py --out=/tmp/plans [--only=B_16]
 
 Each row is one `vit_jax.plan` of configs/paper.py (pretraining at 224 with
-batch 4096, fine-tuning at 384 with batch 512) with the row's topology,
+batch 4096, fine-tuning at 384 and 512 with batch 512) with the row's topology,
 sharding and rematerialisation, layers unrolled (as the configs choose; one
 row shows scanned layers). A row's JSON is kept in --out and reused, so the
 script can be stopped and run again; the markdown table goes to stdout.
@@ -28,11 +28,12 @@ MODELS = ('B_16', 'L_16', 'H_14')
 # (setup, topology, [(fsdp, remat, scan), ...])
 GRID = [
     ('pretrain', 'v3:8x8', [(1, 'none', False), (1, 'full', False),
-                            (8, 'none', False), (8, 'full', False)]),
+                            (8, 'none', False)]),
     ('finetune384', 'v3:2x2', [(1, 'none', False), (1, 'full', False),
-                               (8, 'none', False), (8, 'full', False)]),
-    ('pretrain', 'v4:4x4x4', [(1, 'none', False), (8, 'none', False)]),
-    ('pretrain', 'v5p:4x4x4', [(1, 'none', False), (8, 'none', False)]),
+                               (8, 'none', False)]),
+    ('finetune512', 'v3:2x2', [(1, 'full', False), (8, 'full', False)]),
+    ('pretrain', 'v4:4x4x4', [(1, 'none', False)]),
+    ('pretrain', 'v5p:4x4x4', [(1, 'none', False)]),
 ]
 EXTRA = [('pretrain', 'v3:8x8', 'B_16', (1, 'none', True)),
          ('pretrain', 'v3:8x8', 'B_16', (8, 'none', True))]

@@ -208,6 +208,105 @@ def test_xla_attention_matches_jax_reference():
                grad(ours), grad(reference))
 
 
+# Options of timm's ViT families at B/16, 1000 classes: DeiT III (LayerScale,
+# position embedding of the patches only), registers with average pooling and
+# fc_norm, SigLIP-style attention pooling (no class token).
+FAMILY_COUNTS = [
+    (dict(layerscale=1e-6, posemb_prefix=False), 86_585_320),
+    (dict(classifier='gap', num_registers=4, posemb_prefix=False,
+          fc_norm=True), 86_569_192),
+    (dict(classifier='map'), 93_653_224),
+]
+
+
+@pytest.mark.parametrize('options,count', FAMILY_COUNTS)
+def test_timm_family_options_param_counts(options, count):
+  # 768 per LayerScale (2 a block), per register and per position slot; MAP:
+  # probe + attention (4 x 768^2 + biases) + LayerNorm + MLP.
+  model = models.create_model('ViT-B_16', 1000, **options)
+  assert models.count_params(model) == count
+
+
+def test_layerscale_of_one_is_the_plain_block():
+  x = images()
+  scaled = tiny_model(layerscale=1.0)
+  params = init_randomized(scaled, x)
+  blocks = params['Transformer']
+  assert blocks['encoderblock_0']['LayerScale_1']['scale'].shape == (32,)
+  ones = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.ones_like(v) if 'LayerScale' in str(path) else v,
+      params)
+  plain = jax.tree_util.tree_map(lambda v: v, ones)
+  for block in plain['Transformer'].values():
+    if isinstance(block, dict):
+      block.pop('LayerScale_0', None), block.pop('LayerScale_1', None)
+  np.testing.assert_allclose(scaled.apply({'params': ones}, x),
+                             tiny_model().apply({'params': plain}, x),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(scaled.apply({'params': params}, x),
+                         scaled.apply({'params': ones}, x), atol=1e-3)
+
+
+def test_registers_without_position_embedding_slots():
+  """posemb_prefix=False is the same as zero position embedding for the class
+  token and registers (timm's no_embed_class)."""
+  x = images()
+  skip = tiny_model(num_registers=3, posemb_prefix=False)
+  params = init_randomized(skip, x)
+  assert params['reg'].shape == (1, 3, 32)
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 16, 32)
+  padded = jax.tree.map(lambda v: v, params)
+  padded['Transformer']['posembed_input']['pos_embedding'] = jnp.concatenate(
+      [jnp.zeros((1, 4, 32)), posemb], axis=1)
+  np.testing.assert_allclose(skip.apply({'params': params}, x),
+                             tiny_model(num_registers=3).apply(
+                                 {'params': padded}, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_average_pooling_skips_class_and_register_tokens():
+  x = images()
+  gap = tiny_model(num_classes=0, classifier='gap', num_registers=2)
+  params = init_randomized(gap, x)
+  tokens = tiny_model(num_classes=0, classifier='unpooled',
+                      num_registers=2).apply({'params': params}, x)
+  assert tokens.shape == (2, 2 + 16, 32)
+  np.testing.assert_allclose(gap.apply({'params': params}, x),
+                             tokens[:, 2:].mean(axis=1), rtol=1e-5, atol=1e-5)
+  normed = tiny_model(num_classes=0, classifier='gap', num_registers=2,
+                      fc_norm=True)
+  params = init_randomized(normed, x)
+  assert 'encoder_norm' not in params['Transformer'] and 'fc_norm' in params
+
+
+def test_map_head_matches_reference():
+  head = layers.MAPHead(num_heads=2, mlp_dim=64)
+  tokens = jax.random.normal(jax.random.key(3), (2, 17, 32))
+  params = init_randomized(head, tokens)
+  assert set(params) == {'probe', 'MultiHeadDotProductAttention_0',
+                         'LayerNorm_0', 'MlpBlock_0'}
+  p = params['MultiHeadDotProductAttention_0']
+  proj = lambda n, t: jnp.einsum('btd,dhk->bthk', t, p[n]['kernel']
+                                 ) + p[n]['bias']
+  probe = jnp.tile(params['probe'], (2, 1, 1))
+  logits = jnp.einsum('bqhk,bthk->bhqt', proj('query', probe),
+                      proj('key', tokens)) / np.sqrt(16)
+  y = jnp.einsum('bhqt,bthk->bqhk', jax.nn.softmax(logits),
+                 proj('value', tokens))
+  y = jnp.einsum('bqhk,hkd->bqd', y, p['out']['kernel']) + p['out']['bias']
+  ln, mlp = params['LayerNorm_0'], params['MlpBlock_0']
+  mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+  h = (y - mean) / jnp.sqrt(var + 1e-6) * ln['scale'] + ln['bias']
+  h = jax.nn.gelu(h @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
+  y = y + h @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
+  np.testing.assert_allclose(head.apply({'params': params}, tokens),
+                             y[:, 0], rtol=1e-4, atol=1e-5)
+  model = tiny_model(classifier='map')
+  assert tiny_model(classifier='map').apply(
+      {'params': init_randomized(model, images())}, images()).shape == (2, 10)
+
+
 def test_cudnn_attention_falls_back_on_cpu_with_message():
   model = tiny_model()
   x = images()
@@ -289,6 +388,8 @@ def test_unknown_model_name_lists_close_matches():
     (dict(attention_impl='flash'), r"attention_impl='flash' .* 'xla', 'cudnn'"),
     (dict(remat_policy='some'), r"remat_policy='some'"),
     (dict(num_heads=5), r'hidden_size=192 is not divisible by num_heads=5'),
+    (dict(fc_norm=True), r"fc_norm .* needs classifier 'gap' or 'map'"),
+    (dict(num_registers=-1), r'num_registers=-1 must be an integer >= 0'),
 ])
 def test_bad_options(overrides, match):
   with pytest.raises(ValueError, match=match):

@@ -64,7 +64,8 @@ def _resize_posemb(flat: dict, init: Mapping, source: str, method: str,
     return flat, []  # another width: a different model, reported as such.
   if old.shape == new.shape and not (old_grid and new_grid):
     return flat, []
-  old_prefix, new_prefix = int('cls' in flat), int('cls' in init)
+  old_prefix = layout.posemb_prefix_slots(flat, old_grid)
+  new_prefix = layout.posemb_prefix_slots(init, new_grid)
   try:
     old_grid = old_grid or posemb.infer_grid(old.shape[1] - old_prefix,
                                       f'position embedding of {source}')

@@ -44,6 +44,19 @@ def strip_training_prefix(flat: Mapping[str, Any]) -> tuple[dict, bool]:
   return dict(flat), False
 
 
+def posemb_prefix_slots(flat: Mapping[str, Any],
+                        grid: tuple[int, int] | None = None) -> int:
+  """Position-embedding slots before the patch grid's: exact given the grid;
+  without one, a slot for the class token and each register (Google's and
+  timm's default; weights whose embedding covers only the patches, timm's
+  no_embed_class, come with their model and so with their grid).
+  """
+  if grid is not None:
+    return np.shape(flat[POSEMB])[1] - grid[0] * grid[1]
+  return int('cls' in flat) + (np.shape(flat['reg'])[1] if 'reg' in flat
+                               else 0)
+
+
 def rename_block_children(flat: Mapping[str, Any],
                           mapping: Mapping[str, str]) -> dict[str, Any]:
   """Renames the direct children of every encoder block through `mapping`."""

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def num_prefix_tokens(model: models.VisionTransformer) -> int:
-  """1 for models with a class token, 0 without one ('gap', 'unpooled')."""
-  return 1 if model.classifier in ('token', 'token_unpooled') else 0
+  """Tokens before the patches: the class token (if any), the registers."""
+  return model.num_prefix_tokens
 
 
 def token_grid(model: models.VisionTransformer, image_size: Sequence[int]
@@ -245,7 +245,8 @@ def inspect_model(model: models.VisionTransformer, params: Any,
   out = {'grid': np.array(grid), 'image_size': np.array(image_size),
          'pixels_per_token': np.array(model.input_stride)}
   out['posemb_similarity'] = posemb_similarity(
-      params['Transformer']['posembed_input']['pos_embedding'], grid, prefix)
+      params['Transformer']['posembed_input']['pos_embedding'], grid,
+      model.posemb_prefix_tokens)
   try:
     out['embedding_filters'], out['filter_variance'] = embedding_filters_pca(
         params['embedding']['kernel'], num_filters)

@@ -26,7 +26,8 @@ def option_types() -> dict[str, type]:
   the type a config gives it: dtypes by name (str), patch size as int (square)
   or tuple, `None`-able fields as their non-None type."""
   special = {'dtype': str, 'param_dtype': str, 'patch_size': int,
-             'resnet_layers': tuple, 'representation_size': int}
+             'resnet_layers': tuple, 'representation_size': int,
+             'layerscale': float}
   options = {}
   for name in _FIELDS:
     if name == 'num_classes':  # from the dataset, not the config

@@ -67,14 +67,18 @@ class MultiHeadDotProductAttention(nn.Module):
     return True
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               keys: jax.Array | None = None) -> jax.Array:
+    """Self-attention of `x`, or `x` (queries) attending over `keys`."""
+    keys = x if keys is None else keys
     features = x.shape[-1]
     head_dim = features // self.num_heads
     dense = functools.partial(
         nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform())
-    q, k, v = (dense((self.num_heads, head_dim), name=n)(x)
-               for n in ('query', 'key', 'value'))  # [batch, tokens, heads, d]
+    q = dense((self.num_heads, head_dim), name='query')(x)
+    k, v = (dense((self.num_heads, head_dim), name=n)(keys)
+            for n in ('key', 'value'))  # [batch, tokens, heads, d]
     if self._use_cudnn(deterministic):
       y = jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
     else:
@@ -106,14 +110,53 @@ def _drop_path(module: 'Encoder1DBlock', x: jax.Array, rate,
   return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
+class LayerScale(nn.Module):
+  """Per-channel scale of a residual branch (CaiT, DeiT III): `scale` (D)."""
+  init_value: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.constant(self.init_value),
+                       (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision's MAPHead, timm's attn_pool):
+  a learned `probe` attends over the tokens, then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, _, features = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(),
+                       (1, 1, features), self.param_dtype)
+    probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
+    y = MultiHeadDotProductAttention(
+        self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='MultiHeadDotProductAttention_0')(probe, True, keys=x)
+    norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='LayerNorm_0')
+    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='MlpBlock_0')(
+                         norm(y), True)
+    return y[:, 0]
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)); with
+  `layerscale`, each branch scaled per channel first (LayerScale_{0,1})."""
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str = 'xla'
   drop_path: bool = False  # stochastic depth on (its rate is an argument)
+  layerscale: float | None = None  # LayerScale's initial value; None: off
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -127,8 +170,12 @@ class Encoder1DBlock(nn.Module):
         self.dtype, self.param_dtype, name='MultiHeadDotProductAttention_0')(
             y, deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    if self.layerscale is not None:
+      y = LayerScale(self.layerscale, self.param_dtype, name='LayerScale_0')(y)
     x = x + _drop_path(self, y, drop_path_rate, deterministic)
     y = norm(name='LayerNorm_1')(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
                  name='MlpBlock_0')(y, deterministic)
+    if self.layerscale is not None:
+      y = LayerScale(self.layerscale, self.param_dtype, name='LayerScale_1')(y)
     return x + _drop_path(self, y, drop_path_rate, deterministic)

@@ -19,7 +19,7 @@ from vit_jax.models import resnet
 from vit_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
-CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 ATTENTION_IMPLS = ('xla', 'cudnn')
 REMAT_POLICIES = {
     'none': None,  # no rematerialisation
@@ -59,6 +59,12 @@ def _check_sizes(model: 'VisionTransformer') -> None:
       not is_int(n) or n < 1 for n in model.resnet_layers):
     raise ValueError(f'resnet_layers={model.resnet_layers!r} must be positive '
                      'integers (units per stage), or None for no ResNet stem.')
+  if not is_int(model.num_registers) or model.num_registers < 0:
+    raise ValueError(f'num_registers={model.num_registers!r} must be an '
+                     'integer >= 0.')
+  if model.fc_norm and model.classifier not in ('gap', 'map'):
+    raise ValueError(f"fc_norm normalises pooled features: it needs classifier "
+                     f"'gap' or 'map', not {model.classifier!r}.")
   for field in ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth'):
     value = getattr(model, field)
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -66,11 +72,17 @@ def _check_sizes(model: 'VisionTransformer') -> None:
 
 
 class AddPositionEmbs(nn.Module):
-  """Learned position embedding (1, tokens, D), initialised N(0, 0.02^2)."""
+  """Learned position embedding (1, tokens, D), initialised N(0, 0.02^2).
+
+  The first `skip` tokens (class, registers) get none when the embedding
+  covers only the patches (timm's `no_embed_class`: DeiT III, registers).
+  """
+  skip: int = 0
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    prefix, x = x[:, :self.skip], x[:, self.skip:]
     shape = (1, *x.shape[1:])
     if self.has_variable('params', 'pos_embedding'):
       stored = self.get_variable('params', 'pos_embedding').shape
@@ -82,7 +94,7 @@ class AddPositionEmbs(nn.Module):
             'vit_jax.checkpoint.load_pretrained / interpolate_posemb.')
     pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                     shape, self.param_dtype)
-    return x + pe.astype(x.dtype)
+    return jnp.concatenate([prefix, x + pe.astype(x.dtype)], axis=1)
 
 
 class Encoder(nn.Module):
@@ -96,12 +108,16 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  layerscale: float | None = None
+  posemb_skip: int = 0  # leading tokens without a position embedding
+  final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    x = AddPositionEmbs(self.posemb_skip, self.param_dtype,
+                        name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block_cls = layers.Encoder1DBlock
     if self.remat_policy != 'none':
@@ -113,8 +129,8 @@ class Encoder(nn.Module):
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         attention_impl=self.attention_impl,
-        drop_path=self.stochastic_depth > 0, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        drop_path=self.stochastic_depth > 0, layerscale=self.layerscale,
+        dtype=self.dtype, param_dtype=self.param_dtype)
     # Stochastic depth grows linearly with depth, 0 at the first block.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1)
              for i in range(self.num_layers)]
@@ -132,17 +148,29 @@ class Encoder(nn.Module):
       for i, rate in enumerate(rates):
         x = mesh_lib.constrain_to_batch(block_cls(
             **block_kwargs, name=f'encoderblock_{i}')(x, rate, not train))
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
 class VisionTransformer(nn.Module):
-  """ViT: patches -> [class token] -> encoder -> pooling -> [pre-logits] -> head.
+  """ViT: patches -> [class token, registers] -> encoder -> pooling ->
+  [pre-logits] -> head.
 
   Call as `model.apply(variables, images, train=False)` with NHWC images in
   [-1, 1]. Height and width must be divisible by the patch size (times the
   ResNet stem's stride for hybrids). `num_classes=0` drops the head and
   returns features.
+
+  Options of timm's ViT families, off by default (today's models and
+  checkpoints unchanged): `num_registers` register tokens (`reg`, after the
+  class token); `posemb_prefix=False`: the position embedding covers only
+  the patches (timm's no_embed_class); `layerscale` (initial value): each
+  residual branch scaled per channel (`LayerScale_{0,1}/scale`, DeiT III);
+  `classifier='map'`: attention pooling (`MAPHead_0`, big_vision's names);
+  `fc_norm`: pooled features normalised (`fc_norm`) instead of the tokens
+  (`Transformer/encoder_norm`), as timm's average pooling.
   """
   num_classes: int
   patch_size: tuple[int, int]
@@ -153,6 +181,10 @@ class VisionTransformer(nn.Module):
   resnet_layers: tuple[int, ...] | None = None  # None: no ResNet stem
   resnet_width: int = 1
   classifier: str = 'token'
+  num_registers: int = 0
+  posemb_prefix: bool = True
+  layerscale: float | None = None
+  fc_norm: bool = False
   representation_size: int | None = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -173,6 +205,17 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'hidden_size={self.hidden_size} is not divisible by '
                        f'num_heads={self.num_heads}.')
     super().__post_init__()
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patches: the class token (if any) and registers."""
+    return (int(self.classifier in ('token', 'token_unpooled'))
+            + self.num_registers)
+
+  @property
+  def posemb_prefix_tokens(self) -> int:
+    """Position-embedding slots before the patch grid's."""
+    return self.num_prefix_tokens if self.posemb_prefix else 0
 
   @property
   def input_stride(self) -> tuple[int, int]:
@@ -212,21 +255,37 @@ class VisionTransformer(nn.Module):
                 name='embedding')(x)
     batch, h, w, c = x.shape
     x = x.reshape(batch, h * w, c)
+    prefix = []
     if self.classifier in ('token', 'token_unpooled'):
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), self.param_dtype)
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], 1)
+      prefix.append(self.param('cls', nn.initializers.zeros, (1, 1, c),
+                               self.param_dtype))
+    if self.num_registers:
+      prefix.append(self.param('reg', nn.initializers.normal(1e-6),
+                               (1, self.num_registers, c), self.param_dtype))
+    if prefix:
+      x = jnp.concatenate([jnp.tile(p.astype(x.dtype), (batch, 1, 1))
+                           for p in prefix] + [x], 1)
     x = Encoder(
         num_layers=self.num_layers, mlp_dim=self.mlp_dim,
         num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth,
         attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-        scan_layers=self.scan_layers, dtype=self.dtype,
+        scan_layers=self.scan_layers, layerscale=self.layerscale,
+        posemb_skip=self.num_prefix_tokens - self.posemb_prefix_tokens,
+        final_norm=not self.fc_norm, dtype=self.dtype,
         param_dtype=self.param_dtype, name='Transformer')(x, train=train)
+    patches = x[:, self.num_prefix_tokens:]
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(patches, axis=1)
+    elif self.classifier == 'map':
+      x = layers.MAPHead(self.num_heads, self.mlp_dim, self.dtype,
+                         self.param_dtype, name='MAPHead_0')(x)
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='fc_norm')(x)
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                             param_dtype=self.param_dtype, name='pre_logits')(x))

@@ -87,7 +87,7 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
   flat = arrays.flatten(source.params)
   flat[layout.POSEMB] = posemb.interpolate_posemb(
       flat[layout.POSEMB], grid, old_grid=old_grid,
-      num_prefix_tokens=int('cls' in flat))
+      num_prefix_tokens=source.model.posemb_prefix_tokens)
   return dataclasses.replace(source, params=arrays.unflatten(flat),
                              image_size=image_size)
 

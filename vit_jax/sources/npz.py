@@ -104,7 +104,7 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
       **options, **(overrides or {}), **base.INFERENCE_OPTIONS})
   if image_size is not None:
     model.check_input_shape((1, *image_size, 3))
-  tokens = flat[layout.POSEMB].shape[1] - int('cls' in flat)
+  tokens = flat[layout.POSEMB].shape[1] - layout.posemb_prefix_slots(flat)
   if image_size is not None and math.prod(
       model.token_grid(image_size)) == tokens:
     stored = tuple(image_size)  # e.g. a non-square size of the same count
