@@ -390,6 +390,7 @@ def test_unknown_model_name_lists_close_matches():
     (dict(num_heads=5), r'hidden_size=192 is not divisible by num_heads=5'),
     (dict(fc_norm=True), r"fc_norm .* needs classifier 'gap' or 'map'"),
     (dict(num_registers=-1), r'num_registers=-1 must be an integer >= 0'),
+    (dict(activation='relu'), r"activation='relu' is not supported.*gelu"),
 ])
 def test_bad_options(overrides, match):
   with pytest.raises(ValueError, match=match):

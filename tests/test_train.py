@@ -10,6 +10,7 @@ import pytest
 
 import runs
 from vit_jax import checkpoint
+from vit_jax import sources
 from vit_jax.data import pipeline as input_pipeline
 from vit_jax.evaluation import classification
 from vit_jax.sources import workdir as vit_workdir
@@ -191,13 +192,17 @@ def pretrained_workdir(tfds_data_dir, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize('source', ['npz', 'workdir'])
+@pytest.mark.parametrize('source', ['npz', 'workdir', 'timm', 'hf'])
 def test_fine_tune_at_higher_resolution_and_other_classes(
     tfds_data_dir, cifar_5_class_folder, pretrained_workdir, tmp_path, source):
   weights = pretrained_workdir
   if source == 'npz':
     weights = tmp_path / 'pretrained.npz'
     checkpoint.save_npz(weights, runs.final_params(pretrained_workdir))
+  elif source in ('timm', 'hf'):  # PyTorch-world folders of the same weights
+    sources.write_export(sources.load(pretrained_workdir), tmp_path / 'out',
+                         'pre', formats=(source,))
+    weights = tmp_path / 'out' / f'pre.{source}'
   config = runs.tiny_config(
       tfds_data_dir, dataset=f'imagefolder:{cifar_5_class_folder}',
       train_split='train', eval_split='test', image_size=48, total_steps=40,

@@ -16,10 +16,19 @@ Dtype = Any
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+ACTIVATIONS = ('gelu_tanh', 'gelu')
+
+
 class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh approximation) -> dropout -> Dense -> dropout."""
+  """Dense -> GELU -> dropout -> Dense -> dropout.
+
+  'gelu_tanh' (the tanh approximation) by default: Google's checkpoints were
+  trained with Flax's nn.gelu, whose default it is. 'gelu' (exact, erf) is
+  timm's and Hugging Face's default, so their weights load exactly.
+  """
   mlp_dim: int
   dropout_rate: float = 0.0
+  activation: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -29,9 +38,8 @@ class MlpBlock(nn.Module):
         nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
-    # The tanh form: Google's checkpoints were trained with Flax's nn.gelu,
-    # whose default it is.
-    y = nn.gelu(dense(self.mlp_dim, name='Dense_0')(x), approximate=True)
+    y = nn.gelu(dense(self.mlp_dim, name='Dense_0')(x),
+                approximate=self.activation == 'gelu_tanh')
     y = nn.Dropout(self.dropout_rate)(y, deterministic)
     y = dense(x.shape[-1], name='Dense_1')(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic)
@@ -127,6 +135,7 @@ class MAPHead(nn.Module):
   a learned `probe` attends over the tokens, then x + MLP(LN(x))."""
   num_heads: int
   mlp_dim: int
+  activation: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -141,8 +150,9 @@ class MAPHead(nn.Module):
         name='MultiHeadDotProductAttention_0')(probe, True, keys=x)
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='LayerNorm_0')
-    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='MlpBlock_0')(
+    y = y + MlpBlock(self.mlp_dim, activation=self.activation,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(
                          norm(y), True)
     return y[:, 0]
 
@@ -157,6 +167,7 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str = 'xla'
   drop_path: bool = False  # stochastic depth on (its rate is an argument)
   layerscale: float | None = None  # LayerScale's initial value; None: off
+  activation: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -174,8 +185,9 @@ class Encoder1DBlock(nn.Module):
       y = LayerScale(self.layerscale, self.param_dtype, name='LayerScale_0')(y)
     x = x + _drop_path(self, y, drop_path_rate, deterministic)
     y = norm(name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
-                 name='MlpBlock_0')(y, deterministic)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.activation,
+                 self.dtype, self.param_dtype, name='MlpBlock_0')(
+                     y, deterministic)
     if self.layerscale is not None:
       y = LayerScale(self.layerscale, self.param_dtype, name='LayerScale_1')(y)
     return x + _drop_path(self, y, drop_path_rate, deterministic)

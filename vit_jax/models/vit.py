@@ -62,6 +62,9 @@ def _check_sizes(model: 'VisionTransformer') -> None:
   if not is_int(model.num_registers) or model.num_registers < 0:
     raise ValueError(f'num_registers={model.num_registers!r} must be an '
                      'integer >= 0.')
+  if model.activation not in layers.ACTIVATIONS:
+    raise ValueError(f'activation={model.activation!r} is not supported; '
+                     f'allowed: {", ".join(layers.ACTIVATIONS)}.')
   if model.fc_norm and model.classifier not in ('gap', 'map'):
     raise ValueError(f"fc_norm normalises pooled features: it needs classifier "
                      f"'gap' or 'map', not {model.classifier!r}.")
@@ -109,6 +112,7 @@ class Encoder(nn.Module):
   remat_policy: str = 'none'
   scan_layers: bool = False
   layerscale: float | None = None
+  activation: str = 'gelu_tanh'
   posemb_skip: int = 0  # leading tokens without a position embedding
   final_norm: bool = True
   dtype: Dtype = jnp.float32
@@ -130,7 +134,8 @@ class Encoder(nn.Module):
         attention_dropout_rate=self.attention_dropout_rate,
         attention_impl=self.attention_impl,
         drop_path=self.stochastic_depth > 0, layerscale=self.layerscale,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        activation=self.activation, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     # Stochastic depth grows linearly with depth, 0 at the first block.
     rates = [self.stochastic_depth * i / max(self.num_layers - 1, 1)
              for i in range(self.num_layers)]
@@ -170,7 +175,9 @@ class VisionTransformer(nn.Module):
   residual branch scaled per channel (`LayerScale_{0,1}/scale`, DeiT III);
   `classifier='map'`: attention pooling (`MAPHead_0`, big_vision's names);
   `fc_norm`: pooled features normalised (`fc_norm`) instead of the tokens
-  (`Transformer/encoder_norm`), as timm's average pooling.
+  (`Transformer/encoder_norm`), as timm's average pooling; `activation`
+  'gelu' (exact) for timm's and Hugging Face's weights instead of Google's
+  'gelu_tanh'.
   """
   num_classes: int
   patch_size: tuple[int, int]
@@ -185,6 +192,7 @@ class VisionTransformer(nn.Module):
   posemb_prefix: bool = True
   layerscale: float | None = None
   fc_norm: bool = False
+  activation: str = 'gelu_tanh'  # or 'gelu' (exact): layers.ACTIVATIONS
   representation_size: int | None = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -272,6 +280,7 @@ class VisionTransformer(nn.Module):
         stochastic_depth=self.stochastic_depth,
         attention_impl=self.attention_impl, remat_policy=self.remat_policy,
         scan_layers=self.scan_layers, layerscale=self.layerscale,
+        activation=self.activation,
         posemb_skip=self.num_prefix_tokens - self.posemb_prefix_tokens,
         final_norm=not self.fc_norm, dtype=self.dtype,
         param_dtype=self.param_dtype, name='Transformer')(x, train=train)
@@ -281,8 +290,8 @@ class VisionTransformer(nn.Module):
     elif self.classifier == 'gap':
       x = jnp.mean(patches, axis=1)
     elif self.classifier == 'map':
-      x = layers.MAPHead(self.num_heads, self.mlp_dim, self.dtype,
-                         self.param_dtype, name='MAPHead_0')(x)
+      x = layers.MAPHead(self.num_heads, self.mlp_dim, self.activation,
+                         self.dtype, self.param_dtype, name='MAPHead_0')(x)
     if self.fc_norm:
       x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='fc_norm')(x)

@@ -6,7 +6,9 @@
 The folder holds `<name>.npz` (Google's original layout, which their code and
 timm read), `<name>.safetensors` (the same arrays under the same '/'-joined
 names), `<name>.stablehlo` (`jax.export` of logits = f(params, pixels), the
-contract in `serving.runtime`) and `<name>.card.json` (`serving.card`). It
+contract in `serving.runtime`), `<name>.timm/` and `<name>.hf/` (timm's and
+Hugging Face transformers' folders: config.json + model.safetensors, the
+card says how each loads) and `<name>.card.json` (`serving.card`). It
 is complete or absent: everything is written into a hidden sibling folder
 that is renamed into place at the end, replacing an earlier export there;
 a killed or failed export leaves the earlier one as it was (the next export
@@ -31,12 +33,14 @@ from vit_jax import checkpoint
 from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
+from vit_jax.interop import hf
+from vit_jax.interop import timm
 from vit_jax import models
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images
 from vit_jax.sources import base
 
-FORMATS = ('npz', 'safetensors', 'stablehlo')
+FORMATS = ('npz', 'safetensors', 'stablehlo', 'timm', 'hf')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+-]*$')
 
@@ -60,6 +64,58 @@ def check_request(name: str, formats: tuple[str, ...],
       if platform not in PLATFORMS:
         raise ValueError(errors.unknown('StableHLO platform', platform,
                                         PLATFORMS))
+
+
+def check_expressible(source: base.Source, formats: tuple[str, ...]) -> None:
+  """One line, before anything is written, for a format that cannot hold
+  the model (rather than a file that would load wrongly)."""
+  if 'timm' in formats:
+    timm.architecture_name(source.model, source.image_size)
+  if 'hf' in formats:
+    hf.check_expressible(source.model)
+
+
+def _write_pytorch_formats(source: base.Source, name: str,
+                           partial: pathlib.Path, formats: tuple[str, ...],
+                           dtype) -> dict[str, str]:
+  """The timm / Hugging Face folders; returns {file kind: relative path}."""
+  written = {}
+  def save(folder, kind, state, config, extra=None):
+    (partial / folder).mkdir()
+    state = {k: np.ascontiguousarray(v, dtype) for k, v in state.items()}
+    safetensors.numpy.save_file(state, partial / folder / 'model.safetensors',
+                                {'format': 'pt'})
+    (partial / folder / 'config.json').write_text(dumps(config) + '\n')
+    written[kind] = f'{folder}/model.safetensors'
+    written[f'{kind}_config'] = f'{folder}/config.json'
+    for file, content in (extra or {}).items():
+      (partial / folder / file).write_text(dumps(content) + '\n')
+      written[f'{kind}_{file.split(".")[0]}'] = f'{folder}/{file}'
+  if 'timm' in formats:
+    save(f'{name}.timm', 'timm', timm.to_timm(source.params, source.model),
+         timm.timm_config(source.model, source.image_size,
+                          source.label_names, source.preprocessing))
+  if 'hf' in formats:
+    save(f'{name}.hf', 'hf', hf.to_hf(source.params, source.model),
+         hf.hf_config(source.model, source.image_size, source.label_names),
+         {'preprocessor_config.json': hf.preprocessor_config(
+             source.preprocessing, source.image_size)})
+  return written
+
+
+def loading_calls(name: str, formats: tuple[str, ...]) -> dict[str, str]:
+  """The Python that loads each PyTorch format, run in the export folder."""
+  calls = {}
+  if 'timm' in formats:
+    calls['timm'] = (
+        f"import json, timm; timm.create_model(json.load(open('{name}.timm/"
+        "config.json'))['architecture'], pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='{name}.timm/model.safetensors'), "
+        f"**json.load(open('{name}.timm/config.json'))['model_args'])")
+  if 'hf' in formats:
+    calls['hf'] = ('from transformers import ViTForImageClassification; '
+                   f"ViTForImageClassification.from_pretrained('{name}.hf')")
+  return calls
 
 
 def _stablehlo(model: models.VisionTransformer, flat: dict[str, np.ndarray],
@@ -110,6 +166,8 @@ def make_card(source: base.Source, name: str, flat: dict[str, np.ndarray],
                  'sha256': card_lib.params_checksum(flat),
                  'checksum': 'vit_jax.serving.card.params_checksum'},
       'files': files, 'stablehlo': stablehlo,
+      'loading': loading_calls(name, tuple(
+          k for k in ('timm', 'hf') if k in files)),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
       'versions': {'jax': jax.__version__},
@@ -137,6 +195,7 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
                  ) -> pathlib.Path:
   """Writes the export folder `output` (module docstring); returns its card."""
   check_request(name, formats, platforms)
+  check_expressible(source, formats)
   output = pathlib.Path(output).absolute()
   _check_output(output)
   if 'stablehlo' in formats:
@@ -165,15 +224,20 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
       blob, stablehlo = _stablehlo(source.model, flat, source.image_size,
                                    source.preprocessing, platforms)
       (partial / written['stablehlo']).write_bytes(blob)
+    written.update(_write_pytorch_formats(source, name, partial, formats,
+                                          dtype))
     files = {kind: {'path': path, 'bytes': (partial / path).stat().st_size,
                     'sha256': card_lib.file_sha256(partial / path)}
              for kind, path in written.items()}
     card_path = partial / f'{name}{card_lib.CARD_SUFFIX}'
     card_path.write_text(dumps(make_card(source, name, flat, files,
                                          stablehlo)) + '\n')
-    for path in partial.iterdir():  # durable before it becomes visible
-      with open(path, 'rb') as f:
-        os.fsync(f.fileno())
+    for path in partial.rglob('*'):  # durable before it becomes visible
+      if path.is_file():
+        with open(path, 'rb') as f:
+          os.fsync(f.fileno())
+      else:
+        os.chmod(path, 0o755)
     os.chmod(partial, 0o755)
     _swap_into_place(partial, output)
   finally:

@@ -2,7 +2,8 @@
 
 `--config.pretrained.path` names any model `sources.load` reads: an `.npz`
 in any published layout, a training workdir (read without disturbing a run
-that may still write it), or an export. Its weights are fitted to the new
+that may still write it), an export, a timm or Hugging Face folder, or a Hub
+id (`hf-hub:timm/vit_base_patch16_224.augreg_in21k`). Its weights are fitted to the new
 model (`checkpoint.load_pretrained`): a new head for the new classes, the
 position embedding resized to the new patch grid with
 `pretrained.posemb_method` ('bilinear' as Google's fine-tuning, 'bicubic' as
@@ -25,8 +26,7 @@ def _source_weights(path: str | os.PathLike
   kind = sources.kind_of(path)
   if kind == 'npz':
     return checkpoint.load_npz(path), kind, None
-  source = (sources.from_workdir(path) if kind == 'workdir'
-            else sources.from_export(path))
+  source = sources.load(path)  # workdir, export, timm, Hugging Face, Hub id
   return source.params, kind, source.model.token_grid(source.image_size)
 
 
