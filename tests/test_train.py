@@ -14,6 +14,7 @@ from vit_jax import sources
 from vit_jax.data import pipeline as input_pipeline
 from vit_jax.evaluation import classification
 from vit_jax.sources import workdir as vit_workdir
+from vit_jax.training import finetune
 from vit_jax.training import guards
 from vit_jax.training import optim
 from vit_jax.training import progress as progress_lib
@@ -218,6 +219,8 @@ def test_fine_tune_at_higher_resolution_and_other_classes(
   assert record['source_kind'] == source
   assert record['head']['classes'] == [10, 5]
   assert record['position_embedding_grid'] == [[4, 4], [6, 6]]
+  assert record['patch_size'] == [[8, 8], [8, 8]]
+  assert record['patch_embedding_resized'] is False
   assert record['path'] == str(weights)
 
 
@@ -361,3 +364,20 @@ def test_eta_does_not_wrap_after_a_day():
   assert progress_lib.duration(35) == '00:00:35'
   assert progress_lib.duration(26 * 3600 + 61) == '1d 02:01:01'
   assert progress_lib.duration(10 * 86400) == '10d 00:00:00'
+
+
+def test_fine_tune_at_another_patch_size_resizes_the_embedding(
+    tfds_data_dir, pretrained_workdir, tmp_path):
+  """/8 weights fine-tuned as /4 at 48 px: PI-resized kernel, 12x12 grid."""
+  config = runs.tiny_config(tfds_data_dir, image_size=48, total_steps=2,
+                            **{'model.patch_size': 4,
+                               'pretrained.path': str(pretrained_workdir)})
+  setup = setup_lib.create_setup(config)
+  fresh = jax.device_get(setup.model.init(
+      jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32))['params'])
+  params, record = finetune.pretrained_params(
+      pretrained_workdir, fresh, setup.model, (48, 48), 'bilinear')
+  assert params['embedding']['kernel'].shape == (4, 4, 3, 32)
+  assert record['patch_size'] == [[8, 8], [4, 4]]
+  assert record['patch_embedding_resized'] is True
+  assert record['position_embedding_grid'] == [[4, 4], [12, 12]]

@@ -18,11 +18,12 @@ from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import npz
+from vit_jax.checkpoint import patch_resize
 from vit_jax.checkpoint import posemb
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
-ADAPTATIONS = ('head', 'pre_logits', 'posemb')
+ADAPTATIONS = ('head', 'pre_logits', 'posemb', 'patch')
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,26 @@ def _resize_posemb(flat: dict, init: Mapping, source: str, method: str,
   return {**flat, layout.POSEMB: resized}, []
 
 
+def _resize_patches(flat: dict, init: Mapping, source: str) -> dict:
+  """The patch embedding resized to init's patch size (FlexiViT's
+  PI-resize), for plain ViTs: a hybrid's embedding is a 1x1 convolution of
+  ResNet features, not of pixels."""
+  key = 'embedding/kernel'
+  if key not in flat or key not in init or 'conv_root/kernel' in init:
+    return flat
+  old, new = np.shape(flat[key]), np.shape(init[key])
+  if old == new or old[2:] != new[2:]:
+    return flat
+  log.info('Resized the patch embedding of %s from %s to %s (PI-resize).',
+           source, old[:2], new[:2])
+  return {**flat, key: patch_resize.resize_patch_kernel(
+      np.asarray(flat[key]), new[:2])}
+
+
 _HINTS = {'head': ('head/', 're-initialise the head for new classes'),
           'pre_logits': ('pre_logits/', 'drop or re-initialise pre_logits'),
-          'posemb': (layout.POSEMB, 'resize the position embedding')}
+          'posemb': (layout.POSEMB, 'resize the position embedding'),
+          'patch': ('embedding/kernel', 'resize the patch embedding')}
 
 
 def _check_fits(flat: Mapping, init: Mapping, source: str,
@@ -144,7 +162,9 @@ def load_pretrained(pretrained: PathLike | Mapping[str, Any],
       'head': always take `head` from init_params (new classes);
       'pre_logits': keep the checkpoint's pre_logits if the new model has one
         of the same shape, else drop it / take the fresh one from init_params;
-      'posemb': resize the position embedding's patch grid (class slot kept).
+      'posemb': resize the position embedding's patch grid (class slot kept);
+      'patch': resize the patch embedding to the model's patch size
+        (FlexiViT's PI-resize, `patch_resize`), for plain ViTs.
     new_grid / old_grid: (height, width) in patches of the new model / the
       checkpoint; None infers a square grid from the token count. Needed for
       non-square grids.
@@ -181,6 +201,8 @@ def load_pretrained(pretrained: PathLike | Mapping[str, Any],
              '(%s).', source, 'fresh' if 'pre_logits/kernel' in init else 'none')
     flat = _take_from_init(flat, init, 'pre_logits')
   notes = []
+  if 'patch' in adapt:
+    flat = _resize_patches(flat, init, source)
   if 'posemb' in adapt:
     flat, notes = _resize_posemb(flat, init, source, posemb_method, new_grid,
                                  old_grid)

@@ -291,7 +291,8 @@ def report(plan: Mapping[str, Any]) -> str:
       f'{plan["model"]} {plan["mode"]} at {plan["image_size"][0]}x'
       f'{plan["image_size"][1]} on {plan["topology"]}: {plan["num_devices"]} '
       f'{plan["device_kind"]} devices ({plan["num_chips"]} chips, '
-      f'{plan["num_hosts"]} hosts), mesh {mesh}',
+      f'{plan["num_hosts"]} host{"s" if plan["num_hosts"] != 1 else ""}), '
+      f'mesh {mesh}',
       f'  batch {plan["global_batch"]} global, {plan["per_device_batch"]:g} '
       'per device',
       f'  memory per device: {memory["total"]:.2f} GiB of {plan["hbm_gib"]:.2f}'

@@ -5,12 +5,15 @@ in any published layout, a training workdir (read without disturbing a run
 that may still write it), an export, a timm or Hugging Face folder, or a Hub
 id (`hf-hub:timm/vit_base_patch16_224.augreg_in21k`). Its weights are fitted to the new
 model (`checkpoint.load_pretrained`): a new head for the new classes, the
+patch embedding resized to a new patch size (FlexiViT's PI-resize), the
 position embedding resized to the new patch grid with
 `pretrained.posemb_method` ('bilinear' as Google's fine-tuning, 'bicubic' as
 timm, 'reinit' to learn positions afresh), and a record says what changed.
 """
 import os
 from typing import Any
+
+import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import sources
@@ -55,6 +58,7 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
   prefix = new_posemb.shape[1] - new_grid[0] * new_grid[1]
   old_grid = old_grid or posemb.infer_grid(old_posemb.shape[1] - prefix)
   classes = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
+  patch = lambda p: tuple(np.shape(p['embedding']['kernel'])[:2])
   record = {
       'source_kind': kind, 'path': os.fspath(path),
       'posemb_method': posemb_method,
@@ -63,5 +67,7 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
       'position_embedding_grid': [list(old_grid), list(new_grid)],
       'position_embedding_resized': tuple(old_grid) != tuple(new_grid),
       'pre_logits': ['pre_logits' in weights, 'pre_logits' in params],
+      'patch_size': [list(patch(weights)), list(patch(params))],
+      'patch_embedding_resized': patch(weights) != patch(params),
   }
   return params, record
