@@ -1,4 +1,4 @@
-"""Hugging Face transformers' ViT names both ways (vit_jax.checkpoint.hf):
+"""Hugging Face transformers' ViT names both ways (vit_jax.interop.hf):
 exact round trips; files built with the published names and PyTorch layouts
 giving the logits of an independent numpy forward pass written from
 transformers' modeling_vit.py; configs, preprocessors and refusals."""
@@ -13,7 +13,7 @@ from scipy import special
 
 from vit_jax import models
 from vit_jax.checkpoint import arrays
-from vit_jax.checkpoint import hf
+from vit_jax.interop import hf
 from vit_jax.serving import images
 
 TINY = dict(num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2,
@@ -71,7 +71,8 @@ def published_state(rng, d=32, layers=2, mlp=64, patch=8, tokens=16,
        e + 'patch_embeddings.projection.bias': r(d),
        prefix + 'layernorm.weight': 1 + r(d), prefix + 'layernorm.bias': r(d)}
   if classes:
-    s.update({'classifier.weight': r(classes, d), 'classifier.bias': r(classes)})
+    s.update({'classifier.weight': r(classes, d),
+              'classifier.bias': r(classes)})
   for i in range(layers):
     b = f'{prefix}encoder.layer.{i}.'
     for n in ('query', 'key', 'value'):
@@ -200,6 +201,18 @@ def test_newer_in_memory_names_are_read():
                hf.from_hf(renamed, model))
 
 
+def test_bfloat16_params_keep_their_dtype():
+  model = make()
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16),
+                        random_params(model))
+  state = hf.to_hf(params, model)
+  assert {v.dtype for v in state.values()} == {np.dtype(jnp.bfloat16)}
+  back = arrays.flatten(hf.from_hf(state, model))
+  for key, value in arrays.flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(value, np.float32),
+                                  np.asarray(back[key], np.float32))
+
+
 @pytest.mark.parametrize('options,size,labels', [
     (dict(), (32, 32), [f'n{i}' for i in range(10)]),
     (dict(patch_size=4, num_heads=4, num_layers=3, activation='gelu'),
@@ -222,6 +235,9 @@ def test_config_round_trip(options, size, labels):
                 'posemb_prefix', 'layerscale', 'fc_norm'):
     assert getattr(back, field) == getattr(model, field), field
   assert hf.label_names(written) == labels
+  if model.num_classes:
+    with pytest.raises(ValueError, match='3 label names'):
+      hf.hf_config(model, size, ['a', 'b', 'c'])
 
 
 def test_label_names_order_by_id_and_generic_ones_are_none():
@@ -245,6 +261,14 @@ def test_preprocessor_config_round_trip(interpolation):
   default = hf.preprocessing_from(None, (32, 32))
   assert (default.mean, default.std, default.interpolation) == (
       (0.5,) * 3, (0.5,) * 3, 'pil_bilinear')
+
+
+def test_crop_protocol_is_dropped_with_a_warning(caplog):
+  prep = images.Preprocessing(resize='resize_crop', interpolation='pil_bicubic')
+  with caplog.at_level('WARNING'):
+    written = hf.preprocessor_config(prep, (32, 32))
+  assert 'cannot crop' in caplog.text
+  assert hf.preprocessing_from(written, (32, 32)).resize == 'resize'
 
 
 def test_preprocessor_rescale_and_normalize_give_the_same_inputs():

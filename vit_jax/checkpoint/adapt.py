@@ -3,7 +3,8 @@
 `load_pretrained` takes a checkpoint (an `.npz` path or a params tree in any
 layout `load_npz` reads) and the new model's freshly initialised params, and
 returns the checkpoint's weights shaped like the new model: a new head for
-new classes, pre-logits kept or dropped, the position embedding resized to
+new classes, pre-logits kept or dropped, the patch embedding resized to a
+new patch size (`checkpoint.patch_resize`), the position embedding resized to
 the new patch grid (`checkpoint.posemb`). Whatever still differs is listed in
 one error.
 """
@@ -83,20 +84,27 @@ def _resize_posemb(flat: dict, init: Mapping, source: str, method: str,
   return {**flat, layout.POSEMB: resized}, []
 
 
-def _resize_patches(flat: dict, init: Mapping, source: str) -> dict:
-  """The patch embedding resized to init's patch size (FlexiViT's
-  PI-resize), for plain ViTs: a hybrid's embedding is a 1x1 convolution of
-  ResNet features, not of pixels."""
+def _resize_patches(flat: dict, init: Mapping, source: str
+                    ) -> tuple[dict, list[str]]:
+  """The patch embedding resized to init's patch size (FlexiViT's PI-resize).
+
+  Plain ViTs only: a hybrid's embedding is a 1x1 convolution of ResNet
+  features, not of pixels, so a hybrid's other patch size is left to the
+  mismatch report, with a note saying why.
+  """
   key = 'embedding/kernel'
-  if key not in flat or key not in init or 'conv_root/kernel' in init:
-    return flat
+  if key not in flat or key not in init:
+    return flat, []
   old, new = np.shape(flat[key]), np.shape(init[key])
   if old == new or old[2:] != new[2:]:
-    return flat
+    return flat, []  # unchanged, or another width: a different model.
+  if 'conv_root/kernel' in init or 'conv_root/kernel' in flat:
+    return flat, [f'{key} not resized: a hybrid (ResNet stem) embeds '
+                  'features, not pixel patches.']
   log.info('Resized the patch embedding of %s from %s to %s (PI-resize).',
            source, old[:2], new[:2])
   return {**flat, key: patch_resize.resize_patch_kernel(
-      np.asarray(flat[key]), new[:2])}
+      np.asarray(flat[key]), new[:2])}, []
 
 
 _HINTS = {'head': ('head/', 're-initialise the head for new classes'),
@@ -202,10 +210,11 @@ def load_pretrained(pretrained: PathLike | Mapping[str, Any],
     flat = _take_from_init(flat, init, 'pre_logits')
   notes = []
   if 'patch' in adapt:
-    flat = _resize_patches(flat, init, source)
+    flat, notes = _resize_patches(flat, init, source)
   if 'posemb' in adapt:
-    flat, notes = _resize_posemb(flat, init, source, posemb_method, new_grid,
-                                 old_grid)
+    flat, posemb_notes = _resize_posemb(flat, init, source, posemb_method,
+                                        new_grid, old_grid)
+    notes += posemb_notes
   _check_fits(flat, init, source, adapt, notes)
   # Cast to the new model's dtypes (e.g. a bfloat16 export into float32).
   return arrays.unflatten({k: np.asarray(v, dtype=init[k].dtype)
