@@ -51,7 +51,8 @@ def test_a_missing_model_is_named(program, tmp_path):
   result = _run(*args, program=program)
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines()[0] == (
-      f'error: --model={missing}: no such file or directory.')
+      f'error: --model={missing}: no such file or directory '
+      '(a Hub id starts with hf-hub:).')
 
 
 @pytest.mark.parametrize('program,script', sorted(PROGRAMS.items()))
@@ -67,3 +68,12 @@ def test_console_scripts_are_installed(program, script):
   assert result.stdout.splitlines()[:3] == module_help.splitlines()[:3]
   assert {'main': '--workdir', 'plan': '--topology'}.get(
       program, '--model') in result.stdout
+
+
+def test_export_cli_writes_the_library_default_formats():
+  from vit_jax.sources import export  # pylint: disable=g-import-not-at-top
+  help_text = _run('--help', program='export').stdout
+  default = ','.join(export.DEFAULT_FORMATS)
+  assert f"(default: '{default}')" in help_text
+  for fmt in export.FORMATS:  # every format is named in the help
+    assert fmt in help_text.split('--formats:')[1].split('(default')[0]

@@ -56,7 +56,7 @@ def test_export_to_hf_reloads_exactly_and_names_the_call(tmp_path):
   card = json.loads(card_path.read_text())
   assert card['loading']['hf'] == (
       'from transformers import ViTForImageClassification; '
-      "ViTForImageClassification.from_pretrained('tiny.hf')")
+      "model = ViTForImageClassification.from_pretrained('tiny.hf')")
   folder = tmp_path / 'out' / 'tiny.hf'
   config = json.loads((folder / 'config.json').read_text())
   assert config['hidden_act'] == 'gelu_pytorch_tanh'

@@ -156,7 +156,7 @@ def test_the_cli_prints_the_plan_and_writes_json_quietly(tmp_path):
   result = _plan_cli('--topology=v3:2x2', '--config.batch_size=256',
                      f'--json={tmp_path / "plan.json"}')
   assert result.returncode == 0, result.stderr
-  assert 'on v3:2x2: 8 TPU v3 devices (4 chips, 1 hosts)' in result.stdout
+  assert 'on v3:2x2: 8 TPU v3 devices (4 chips, 1 host)' in result.stdout
   assert ': fits' in result.stdout and ' per chip, MFU ' in result.stdout
   plan = json.loads((tmp_path / 'plan.json').read_text())
   assert set(KEYS) <= set(plan)

@@ -125,8 +125,8 @@ def test_timm_export_reloads_exactly_and_names_the_call(tmp_path, options):
   card = json.loads(card_path.read_text())
   assert set(card['files']) == {'timm', 'timm_config'}
   assert 'timm.create_model' in card['loading']['timm']
-  assert "pretrained_cfg_overlay=dict(file='tiny.timm/model.safetensors')" in (
-      card['loading']['timm'])
+  assert ("pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], "
+          "file='tiny.timm/model.safetensors')") in card['loading']['timm']
   folder = tmp_path / 'out' / 'tiny.timm'
   config = json.loads((folder / 'config.json').read_text())
   assert config['model_args']['act_layer'] == 'gelu_tanh'

@@ -224,7 +224,7 @@ def test_config_round_trip_gives_the_architecture():
   config = timm.timm_config(model, (32, 32), ['a'] * 10,
                             images.Preprocessing('resize_crop', 0.9,
                                                  'pil_bicubic'))
-  assert config['architecture'] == 'vit_base_patch8_32'
+  assert config['architecture'] == 'vit_base_patch16_224'  # + model_args
   assert config['model_args']['act_layer'] == 'gelu_tanh'
   options, size = timm.model_options(timm.to_timm(params, model), config, 'x')
   assert size == (32, 32)
@@ -243,7 +243,15 @@ def test_config_round_trip_gives_the_architecture():
 
 def test_hybrid_architecture_names():
   model = models.create_model('R50+ViT-B_16', 10)
-  assert timm.architecture_name(model, (384, 384)) == 'vit_base_r50_s16_384'
+  assert timm.architecture_name(model, (384, 384)) == 'vit_base_r50_s16_224'
+  assert timm.model_args(model, (384, 384))['img_size'] == [384, 384]
+  # A registered hybrid fixes its stem; our depth and widths still travel,
+  # since timm's entry would otherwise build its own 12 layers.
+  shallow = models.create_model('R26+ViT-S_32', 10, num_layers=1)
+  args = timm.model_args(shallow, (64, 64))
+  assert timm.architecture_name(shallow, (64, 64)) == 'vit_small_r26_s32_224'
+  assert (args['depth'], args['embed_dim'], args['num_heads']) == (1, 384, 6)
+  assert 'patch_size' not in args  # the stem's stride, not a kwarg
 
 
 @pytest.mark.parametrize('options,match', [

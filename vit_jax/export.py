@@ -32,8 +32,10 @@ cli.define_output_flag('The export folder to write (created, or an earlier '
                        'export there replaced).')
 _NAME = flags.DEFINE_string('name', None,
                             'File name stem (default: from the source).')
-_FORMATS = flags.DEFINE_list('formats', ['npz', 'safetensors', 'stablehlo'],
-                             'Formats to write.')
+_FORMATS = flags.DEFINE_list(
+    'formats', ['npz', 'safetensors', 'stablehlo'],  # export.DEFAULT_FORMATS
+    'Formats to write, of npz, safetensors, stablehlo, timm, hf (the last '
+    'two: folders that timm / transformers load).')
 _BFLOAT16 = flags.DEFINE_bool('bfloat16', False, 'Store bfloat16 weights.')
 _PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda'],
                                'StableHLO lowering platforms.')

@@ -66,7 +66,8 @@ def parse_flags(argv: list[str],
 
 
 class _QuietLibraries(std_logging.Filter):
-  """JAX's backend probing, Orbax and TFDS: drops INFO chatter (dozens of lines per save), and cuts
+  """JAX's backend probing, Orbax, TFDS and matplotlib (its font cache, built
+  on a machine's first run): drops INFO chatter (dozens of lines per save), and cuts
   their error tracebacks to the first line, since our errors name the reason.
   asyncio's "Task exception was never retrieved" for Orbax's tasks, logged at
   exit after a failed save, only repeats that error: dropped."""
@@ -78,7 +79,8 @@ class _QuietLibraries(std_logging.Filter):
         and record.levelno < std_logging.WARNING):
       return False  # "Unable to initialize backend 'tpu'" on every CPU run
     if not any(lib in record.pathname for lib in
-               ('/orbax/', '/tensorflow_datasets/', '/etils/')):
+               ('/orbax/', '/tensorflow_datasets/', '/etils/',
+                '/matplotlib/')):
       return True
     if record.levelno < std_logging.WARNING:
       return False

@@ -32,6 +32,12 @@ HYBRIDS = {((), 8, 192): 'vit_tiny_r_s16_p8', ((2, 2, 2, 2), 1, 384):
            ((3, 4, 9), 1, 768): 'vit_base_r50_s16',
            ((3, 4, 6, 3), 1, 1024): 'vit_large_r50_s32'}
 _STEM = 'patch_embed.backbone.'
+# timm's plain ViT entries at 224 px (timm 1.0.31's registry).
+_REGISTERED = {'vit_tiny_patch16_224', 'vit_small_patch16_224',
+               'vit_small_patch32_224', 'vit_base_patch8_224',
+               'vit_base_patch16_224', 'vit_base_patch32_224',
+               'vit_large_patch16_224', 'vit_large_patch32_224',
+               'vit_huge_patch14_224'}
 
 
 def _dense(k):
@@ -199,17 +205,22 @@ def _hybrid_key(model: Any) -> tuple:
 
 def architecture_name(model: Any, image_size: tuple[int, int] | None, *,
                       strict: bool = True) -> str:
-  """timm's registered architecture `model` is built from (with the kwargs
-  of `model_args`): vit_<size>_patch<p>_<res> or a registered hybrid."""
+  """timm's registered architecture `model` is built from, with the kwargs
+  of `model_args` (widths, depth, heads, patch, img_size, options): the
+  224-px entry of its size and patch (e.g. vit_base_patch16_224), a
+  registered hybrid, or vit_base_patch16_224 for other shapes. `image_size`
+  only matters through model_args' img_size: timm knows no name for most
+  sizes (timm 1.0.31 has no vit_base_patch8_32, say)."""
+  del image_size  # in model_args
   reason = unsupported(model)
   if reason and strict:
     raise ValueError(f'This model {reason}: it has no timm equivalent; '
                      'export npz or safetensors instead.')
-  res = image_size[0] if image_size else 224
   if model.resnet_layers is not None and _hybrid_key(model) in HYBRIDS:
-    return f'{HYBRIDS[_hybrid_key(model)]}_{res}'
-  size = _SIZES.get(model.hidden_size, 'base')
-  return f'vit_{size}_patch{model.patch_size[0]}_{res}'
+    return f'{HYBRIDS[_hybrid_key(model)]}_224'
+  name = (f'vit_{_SIZES.get(model.hidden_size)}_patch{model.patch_size[0]}'
+          '_224')
+  return name if name in _REGISTERED else 'vit_base_patch16_224'
 
 
 def model_args(model: Any, image_size: tuple[int, int]) -> dict[str, Any]:
@@ -220,10 +231,13 @@ def model_args(model: Any, image_size: tuple[int, int]) -> dict[str, Any]:
           'class_token': model.classifier == 'token',
           'act_layer': 'gelu_tanh' if model.activation == 'gelu_tanh'
           else 'gelu'}
+  # Widths and depth for hybrids too: their registered entries fix only
+  # the stem, and kwargs override the rest (a 1-layer R26+S/32 stays 1).
+  args.update(embed_dim=model.hidden_size, depth=model.num_layers,
+              num_heads=model.num_heads,
+              mlp_ratio=model.mlp_dim / model.hidden_size)
   if model.resnet_layers is None:
-    args.update(patch_size=model.patch_size[0], embed_dim=model.hidden_size,
-                depth=model.num_layers, num_heads=model.num_heads,
-                mlp_ratio=model.mlp_dim / model.hidden_size)
+    args['patch_size'] = model.patch_size[0]
   if model.num_registers:
     args['reg_tokens'] = model.num_registers
   if not model.posemb_prefix and model.num_prefix_tokens:

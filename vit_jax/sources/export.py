@@ -41,6 +41,9 @@ from vit_jax.serving import images
 from vit_jax.sources import base
 
 FORMATS = ('npz', 'safetensors', 'stablehlo', 'timm', 'hf')
+# What JAX serving reads; the PyTorch folders are asked for by name, since
+# not every model fits them (`check_expressible`).
+DEFAULT_FORMATS = ('npz', 'safetensors', 'stablehlo')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._+-]*$')
 
@@ -104,17 +107,21 @@ def _write_pytorch_formats(source: base.Source, name: str,
 
 
 def loading_calls(name: str, formats: tuple[str, ...]) -> dict[str, str]:
-  """The Python that loads each PyTorch format, run in the export folder."""
+  """The Python that loads each PyTorch format as `model`, run in the
+  export folder."""
   calls = {}
   if 'timm' in formats:
+    # The whole pretrained_cfg: with timm's default (1000 classes) it would
+    # drop our head as a mismatched classifier and start a random one.
     calls['timm'] = (
-        f"import json, timm; timm.create_model(json.load(open('{name}.timm/"
-        "config.json'))['architecture'], pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='{name}.timm/model.safetensors'), "
-        f"**json.load(open('{name}.timm/config.json'))['model_args'])")
+        f"import json, timm; cfg = json.load(open('{name}.timm/config.json')); "
+        "model = timm.create_model(cfg['architecture'], pretrained=True, "
+        "pretrained_cfg_overlay=dict(cfg['pretrained_cfg'], "
+        f"file='{name}.timm/model.safetensors'), **cfg['model_args'])")
   if 'hf' in formats:
     calls['hf'] = ('from transformers import ViTForImageClassification; '
-                   f"ViTForImageClassification.from_pretrained('{name}.hf')")
+                   'model = ViTForImageClassification.from_pretrained('
+                   f"'{name}.hf')")
   return calls
 
 
@@ -190,7 +197,7 @@ def _check_output(output: pathlib.Path) -> None:
 
 
 def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
-                 formats: tuple[str, ...] = FORMATS, bfloat16: bool = False,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS, bfloat16: bool = False,
                  platforms: tuple[str, ...] = ('cpu', 'cuda')
                  ) -> pathlib.Path:
   """Writes the export folder `output` (module docstring); returns its card."""
