@@ -78,6 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
       coordinator_address='', num_processes=1, process_id=0, auto=False,
       heartbeat_timeout_s=100, wait_s=300))
 
+  # Few-shot linear evaluation of the pre-logits (vit_jax.evaluation.fewshot):
+  # comma-separated datasets ('' = off) and shot counts; at each evaluation
+  # (every_steps=0) or every `every_steps` steps, and at the end. Splits ''
+  # -> each dataset's train / evaluation split.
+  config.fewshot = ml_collections.ConfigDict(dict(
+      datasets='', shots='1,5,10,25', every_steps=0, seed=0, l2_reg=1024.0,
+      train_split='', test_split=''))
+
   # Bookkeeping.
   config.log_every = 50
   config.eval_every = 0  # 0: evaluate at the end only

@@ -18,6 +18,15 @@ tfds:NAME[:SPLIT] (default split: the dataset's evaluation split) reads the
 split through the trainer's own evaluation pipeline and step, so the numbers
 equal the trainer's on the same split and parameters; it needs TensorFlow
 (`pip install vit_jax[train]`).
+
+    python -m vit_jax.evaluate --model=MODEL --fewshot=cifar10[,NAME...]
+        [--shots=1,5,10,25] [--train_split=SPLIT] [--test_split=SPLIT]
+
+is the paper's few-shot linear evaluation instead (`vit_jax.evaluation.
+fewshot`): the frozen pre-logits of SHOTS training images per class, a
+closed-form regularised least-squares map, accuracy on the test split; the
+same code and numbers as the trainer's `config.fewshot`. Datasets are TFDS
+names or imagefolder:/root, read through the trainer's pipeline.
 """
 import os
 import sys
@@ -36,6 +45,19 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per model call.',
                                    lower_bound=1)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'With tfds:...: the TFDS '
                                 'data directory (default $TFDS_DATA_DIR).')
+_FEWSHOT = flags.DEFINE_list(
+    'fewshot', [], 'Few-shot linear evaluation on these datasets (TFDS names '
+    'or imagefolder:/root) instead of classifying a folder or split.')
+_SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'],
+                           'With --fewshot: training examples per class.')
+_TRAIN_SPLIT = flags.DEFINE_string(
+    'train_split', None, 'With --fewshot: where the shots are drawn from '
+    '(default: each dataset\'s training split).')
+_TEST_SPLIT = flags.DEFINE_string(
+    'test_split', None, 'With --fewshot: the split scored (default: each '
+    'dataset\'s evaluation split).')
+_SEED = flags.DEFINE_integer('seed', 0, 'With --fewshot: which examples are '
+                             'drawn per class.', lower_bound=0)
 TFDS_PREFIX = 'tfds:'
 
 
@@ -97,28 +119,45 @@ def evaluate_folder(root: str, batch_size: int) -> tuple[dict, list, list]:
   return totals, classifier.label_names, errors
 
 
-def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
-  """(totals, label names) of a TFDS split, through the trainer's pipeline."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _pipeline_modules():
+  """The trainer's data pipeline, or a usage error without TensorFlow."""
   try:
     from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     from vit_jax.data import sources as data_sources  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise cli.UsageError(f'{spec} reads TFDS through tf.data, which needs '
+    raise cli.UsageError(f'TFDS datasets are read through tf.data, which needs '
                          f'TensorFlow ({e}): pip install "vit_jax[train]", or '
                          'evaluate on an image folder.') from None
-  from vit_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
-  from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import steps  # pylint: disable=g-import-not-at-top
+  return pipeline, data_sources
+
+
+def _pipeline_source(what: str):
+  """The model, if the training pipeline's preprocessing is the one it wants."""
   from vit_jax.serving import images  # pylint: disable=g-import-not-at-top
-  name, _, split = spec[len(TFDS_PREFIX):].partition(':')
   source = cli.load_model_source()
   if source.preprocessing != images.Preprocessing(
       resize=source.preprocessing.resize):
     raise cli.UsageError(
-        f'{spec} is read by the training pipeline (TF bilinear resizing, '
+        f'{what} is read by the training pipeline (TF bilinear resizing, '
         f'[-1, 1]); this model wants {source.preprocessing.describe()}: '
         'evaluate it on an image folder instead.')
+  return source
+
+
+def _global_batch(batch_size: int) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return -(-batch_size // jax.device_count()) * jax.device_count()
+
+
+def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
+  """(totals, label names) of a TFDS split, through the trainer's pipeline."""
+  import jax  # pylint: disable=g-import-not-at-top
+  pipeline, data_sources = _pipeline_modules()
+  from vit_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import steps  # pylint: disable=g-import-not-at-top
+  name, _, split = spec[len(TFDS_PREFIX):].partition(':')
+  source = _pipeline_source(spec)
   try:
     src = data_sources.open_source(name, _DATA_DIR.value, None)
     split = data_sources.check_split(src, name, split or src.preset.eval_split)
@@ -128,11 +167,10 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
     raise cli.UsageError(f'{name} has {src.num_classes} classes, the model '
                          f'{source.model.num_classes}.')
   devices = mesh.create_mesh()
-  batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
   batches = pipeline.eval_iterator(
       name, split=split, data_dir=_DATA_DIR.value,
-      global_batch_size=batch_size, image_size=source.image_size,
-      sharding=mesh.batch_sharding(devices),
+      global_batch_size=_global_batch(batch_size),
+      image_size=source.image_size, sharding=mesh.batch_sharding(devices),
       resize=source.preprocessing.resize)
   sys.stderr.write(f'{source.model_name} from {source.origin["path"]}: '
                    f'{name} {split}, {source.image_size[0]}x'
@@ -142,8 +180,54 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   return totals, source.label_names or src.label_names
 
 
+def evaluate_fewshot(datasets: list[str], batch_size: int) -> dict[str, float]:
+  """{metric name: accuracy} of few-shot linear evaluation on `datasets`."""
+  if not all(s.isdigit() and int(s) >= 1 for s in _SHOTS.value):
+    raise cli.UsageError(f'--shots={",".join(_SHOTS.value)} must be integers '
+                         '>= 1, e.g. --shots=1,5,10,25.')
+  _pipeline_modules()
+  from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import fewshot  # pylint: disable=g-import-not-at-top
+  source = _pipeline_source(', '.join(datasets))
+  try:
+    evaluator = fewshot.FewShotEvaluator(
+        source.model, mesh.create_mesh(), datasets=datasets,
+        batch_size=_global_batch(batch_size), image_size=source.image_size,
+        shots=[int(s) for s in _SHOTS.value], seed=_SEED.value,
+        train_split=_TRAIN_SPLIT.value, test_split=_TEST_SPLIT.value,
+        data_dir=_DATA_DIR.value, resize=source.preprocessing.resize)
+  except ValueError as e:  # unknown dataset or split, too few examples
+    raise cli.UsageError(str(e)) from None
+  sys.stderr.write(f'{source.model_name} from {source.origin["path"]}: '
+                   f'{",".join(_SHOTS.value)}-shot linear evaluation on '
+                   f'{", ".join(datasets)}\n')
+  return evaluator(source.params)
+
+
+def _main_fewshot(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError('--fewshot names the data; no folder or split '
+                         f'argument ({" ".join(argv[1:])}).')
+  results = evaluate_fewshot(_FEWSHOT.value, _BATCH_SIZE.value)
+  for name, accuracy in results.items():
+    print(f'{name.removeprefix("fewshot_")}  {100 * accuracy:.2f} %')
+  if flags.FLAGS.output:
+    from vit_jax.base import files  # pylint: disable=g-import-not-at-top
+    os.makedirs(flags.FLAGS.output, exist_ok=True)
+    files.write_json(os.path.join(flags.FLAGS.output, 'metrics.json'), {
+        **results, 'model': flags.FLAGS.model, 'fewshot': _FEWSHOT.value,
+        'shots': [int(s) for s in _SHOTS.value], 'seed': _SEED.value,
+        'train_split': _TRAIN_SPLIT.value, 'test_split': _TEST_SPLIT.value})
+    print(f'{flags.FLAGS.output}/metrics.json')
+
+
 def main(argv: list[str]) -> None:
   cli.require('model')
+  if _FEWSHOT.value:
+    return _main_fewshot(argv)
+  for flag in ('shots', 'train_split', 'test_split', 'seed'):
+    if flags.FLAGS[flag].present:
+      raise cli.UsageError(f'--{flag} applies to --fewshot only.')
   if len(argv) != 2:
     raise cli.UsageError('name one image folder or tfds:NAME[:SPLIT].')
   spec = argv[1]

@@ -23,6 +23,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import jax
+import numpy as np
 
 from vit_jax.data import augment
 from vit_jax.data import presets
@@ -144,10 +145,25 @@ def train_dataset(src, split: str, *, local_batch: int,
 
 def eval_dataset(src, split: str, *, local_batch: int, size: tuple[int, int],
                  resize: str, process_index: int, process_count: int,
-                 num_parallel_calls: int) -> tuple[tf.data.Dataset, int]:
-  """Padded per-process eval stream and its number of batches (same on all)."""
-  counts = [src.num_examples(split, i, process_count)
-            for i in range(process_count)]
+                 num_parallel_calls: int, examples: Sequence[int] | None = None
+                 ) -> tuple[tf.data.Dataset, int]:
+  """Padded per-process eval stream and its number of batches (same on all).
+
+  `examples`: only these indices of the split (few-shot subsets); every
+  process then reads the split's records (not images), keeps the chosen
+  ones and every process_count-th of them, and each batch also carries
+  'index', the example's index in the split.
+  """
+  if examples is None:
+    counts = [src.num_examples(split, i, process_count)
+              for i in range(process_count)]
+  else:
+    examples = np.unique(np.asarray(examples, np.int64))
+    total = src.num_examples(split)
+    if len(examples) and not 0 <= examples[0] <= examples[-1] < total:
+      raise ValueError(f'Example indices must be in [0, {total}) for split '
+                       f'{split!r}, got {examples[0]}..{examples[-1]}.')
+    counts = [len(examples[i::process_count]) for i in range(process_count)]
   if sum(counts) == 0:
     raise ValueError(f'Split {split!r} is empty: nothing to evaluate.')
   num_batches = math.ceil(max(counts) / local_batch)
@@ -160,21 +176,47 @@ def eval_dataset(src, split: str, *, local_batch: int, size: tuple[int, int],
     if multi:
       out['real_labels'] = preprocess.multi_hot(ex['real_label'],
                                                 src.num_classes)
+    if examples is not None:
+      out['index'] = ex['index']
     return out
 
   pad = {'image': tf.zeros(size + (3,), tf.float32),
          'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
   if multi:
     pad['real_labels'] = tf.zeros([src.num_classes], tf.bool)
+  if examples is not None:
+    pad['index'] = tf.constant(-1, tf.int32)
   padding = tf.data.Dataset.from_tensors(pad).repeat(
       num_batches * local_batch - counts[process_index])
   ds = padding
   if counts[process_index]:
-    ds = src.records(split, process_index, process_count).map(
-        lambda ex: prepare(_read(src, ex)),
-        num_parallel_calls=num_parallel_calls)
+    if examples is None:
+      records = src.records(split, process_index, process_count)
+    else:
+      keep = np.zeros(src.num_examples(split), bool)
+      keep[examples] = True
+      keep = tf.constant(keep)
+      records = src.records(split, 0, 1).enumerate().filter(
+          lambda i, ex: tf.gather(keep, i)).map(
+              lambda i, ex: {**ex, 'index': tf.cast(i, tf.int32)})
+      records = records.shard(process_count, process_index)
+    ds = records.map(lambda ex: prepare(_read(src, ex)),
+                     num_parallel_calls=num_parallel_calls)
     ds = ds.concatenate(padding)
   return _options(ds.batch(local_batch, drop_remainder=True)), num_batches
+
+
+def split_labels(dataset: str, split: str | None = None,
+                 data_dir: str | None = None, manual_dir: str | None = None
+                 ) -> tuple[np.ndarray, int, str]:
+  """(labels of every example of the split in order, num_classes, split),
+  read without decoding an image (default split: the training split)."""
+  src = data_sources.open_source(dataset, data_dir, manual_dir)
+  split = data_sources.check_split(src, dataset, split or src.preset.train_split)
+  ds = src.records(split, 0, 1).map(lambda ex: ex['label']).batch(8192)
+  labels = [np.asarray(b) for b in ds.as_numpy_iterator()]
+  return (np.concatenate(labels).astype(np.int64) if labels
+          else np.zeros(0, np.int64)), src.num_classes, split
 
 
 # ------------------------------------------------------------ to the devices
@@ -297,12 +339,14 @@ def eval_iterator(
     global_batch_size: int, image_size: int | Sequence[int],
     sharding: jax.sharding.NamedSharding, resize: str = 'resize',
     manual_dir: str | None = None, num_parallel_calls: int = tf.data.AUTOTUNE,
-    prefetch: int = 2) -> EvalIterable:
+    prefetch: int = 2, examples: Sequence[int] | None = None) -> EvalIterable:
   """Finite, re-iterable eval batches covering every example exactly once.
 
   Yields {'image': f32 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}
   (+ 'real_labels' bool [B, 1000] for imagenet2012_real). `resize` is
   'resize' (plain resize) or 'resize_crop' (shorter side, central crop).
+  `examples`: only these indices of the split, each batch with their
+  'index' int32 [B] (-1 for padding); see `eval_dataset`.
   """
   if resize not in images.RESIZE_MODES:
     raise ValueError(f'resize must be one of {images.RESIZE_MODES}, got '
@@ -313,5 +357,5 @@ def eval_iterator(
   ds, num_batches = eval_dataset(
       src, split, local_batch=len(rows), size=size, resize=resize,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_parallel_calls=num_parallel_calls)
+      num_parallel_calls=num_parallel_calls, examples=examples)
   return EvalIterable(ds, num_batches, sharding, global_batch_size, prefetch)

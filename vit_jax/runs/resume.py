@@ -35,7 +35,7 @@ FREE = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
         'eval_batch_size', 'eval_split', 'eval_resize', 'data_dir',
         'manual_dir', 'mesh.*', 'distributed.*', 'on_nonfinite',
         'pretrained.*', 'resume_accept', 'model.remat_policy',
-        'model.attention_impl')
+        'model.attention_impl', 'fewshot.*')
 
 
 class ResumeConfigError(ValueError):

@@ -115,7 +115,22 @@ def check(config: ml_collections.ConfigDict) -> None:
   _number(config, 'checkpoint_every', low=1, integer=True)
   _number(config, 'keep_checkpoints', low=1, integer=True,
           what='>= 1 (at least the newest checkpoint is kept)')
+  _check_fewshot(config)
   _check_resume_accept(config)
+
+
+def _check_fewshot(config: ml_collections.ConfigDict) -> None:
+  if 'fewshot' not in config:  # configs written before few-shot evaluation
+    return
+  shots = [s.strip() for s in str(config.fewshot.shots).split(',')
+           if s.strip()]
+  if not shots or not all(s.isdigit() and int(s) >= 1 for s in shots):
+    raise ConfigError(f'config.fewshot.shots={config.fewshot.shots!r} must be '
+                      'comma-separated integers >= 1, e.g. "1,5,10,25".')
+  _number(config, 'fewshot.every_steps', low=0, integer=True,
+          what='>= 0 (0: with each evaluation)')
+  _number(config, 'fewshot.seed', low=0, integer=True)
+  _number(config, 'fewshot.l2_reg', low=0, low_open=True)
 
 
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:

@@ -117,4 +117,6 @@ def result_line(result: dict[str, Any]) -> str:
     parts.append(f'on {result["eval_num_examples"]:,} examples')
   if result.get('train_loss') is not None:
     parts.append(f'train loss {result["train_loss"]:.4f}')
+  parts += [f'{k.removeprefix("eval_fewshot_")} {100 * v:.2f} %'
+            for k, v in result.items() if k.startswith('eval_fewshot_')]
   return ', '.join(parts)

@@ -26,6 +26,7 @@ from vit_jax.runs import paths
 from vit_jax.runs import reader
 from vit_jax.runs import resume
 from vit_jax.runs import state_checkpoint
+from vit_jax.training import fewshot as fewshot_lib
 from vit_jax.training import finetune
 from vit_jax.training import guards
 from vit_jax.training import programs
@@ -194,6 +195,16 @@ def _compile(train_step, state: state_lib.State, batch: pipeline.Batch):
   return compiled
 
 
+def _evaluations_due(config: ml_collections.ConfigDict, step: int,
+                     fewshot) -> tuple[bool, bool]:
+  """(classification, few-shot) evaluations due after `step` in the loop."""
+  run_eval = bool(config.eval_every) and step % config.eval_every == 0
+  every = config.fewshot.every_steps if fewshot else 0
+  run_fewshot = fewshot is not None and (
+      step % every == 0 if every else run_eval)
+  return run_eval, run_fewshot
+
+
 def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                 preemption: guards.PreemptionWatcher,
                 writer: progress_lib.MetricWriter,
@@ -216,6 +227,19 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
   train_step = programs.train_step(setup, shardings)
   eval_step = programs.eval_step(setup)
+  with setup_lib.before_compiling():  # its datasets' errors before a compile
+    fewshot = fewshot_lib.from_config(config, setup.model, setup.mesh,
+                                      setup.image_size)
+
+  def evaluate_all(params, classify: bool, linear: bool) -> dict[str, Any]:
+    metrics = {}
+    if classify:
+      metrics.update(classification.scalars(
+          evaluate(setup, eval_step, params)))
+    if linear:
+      metrics.update(fewshot(params))
+    return metrics
+
   train_iter = pipeline.train_iterator(
       config.dataset, split=config.train_split or setup.info.train_split,
       data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
@@ -263,9 +287,10 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
       unchecked = None
     if log:
       progress.log(step)
-    if config.eval_every and step % config.eval_every == 0:
-      progress.evaluated(step, classification.scalars(
-          evaluate(setup, eval_step, state['params'])))
+    run_eval, run_fewshot = _evaluations_due(config, step, fewshot)
+    if run_eval or run_fewshot:
+      progress.evaluated(step, evaluate_all(
+          state['params'], run_eval, run_fewshot))
       logging.info('eval step %d: %s', step,
                    json.dumps(progress.eval_history[-1][1]))
     if save or preempted:
@@ -276,13 +301,20 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
       ckpt.wait_until_finished()
       raise guards.Preempted(step)
   ckpt.wait_until_finished()
-  if progress.eval_history and progress.eval_history[-1][0] == step:
-    eval_metrics = progress.eval_history[-1][1]  # evaluated at this step
-  else:
+  done = (progress.eval_history[-1][1] if progress.eval_history and
+          progress.eval_history[-1][0] == step else {})  # evaluated here
+  missing_eval = 'accuracy' not in done
+  missing_fewshot = fewshot is not None and not any(
+      k.startswith('fewshot_') for k in done)
+  if missing_eval or missing_fewshot:
     logging.info('Evaluating on %s (%s)...', config.dataset, setup.eval_split)
-    eval_metrics = classification.scalars(
-        evaluate(setup, eval_step, state['params']))
+    eval_metrics = {**done, **evaluate_all(state['params'], missing_eval,
+                                           missing_fewshot)}
+    if done:
+      progress.eval_history.pop()
     progress.evaluated(step, eval_metrics)
+  else:
+    eval_metrics = done
   result = {'step': step, 'finished': True,
             **{f'eval_{k}': v for k, v in eval_metrics.items()},
             **progress.summary(), 'skipped_steps': guard.skipped}
