@@ -182,9 +182,11 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
 
 def evaluate_fewshot(datasets: list[str], batch_size: int) -> dict[str, float]:
   """{metric name: accuracy} of few-shot linear evaluation on `datasets`."""
-  if not all(s.isdigit() and int(s) >= 1 for s in _SHOTS.value):
-    raise cli.UsageError(f'--shots={",".join(_SHOTS.value)} must be integers '
-                         '>= 1, e.g. --shots=1,5,10,25.')
+  from vit_jax.evaluation import fewshot as linear  # pylint: disable=g-import-not-at-top
+  try:
+    shots = linear.parse_shots(','.join(_SHOTS.value))
+  except ValueError as e:
+    raise cli.UsageError(f'--shots={",".join(_SHOTS.value)} {e}') from None
   _pipeline_modules()
   from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   from vit_jax.training import fewshot  # pylint: disable=g-import-not-at-top
@@ -193,7 +195,7 @@ def evaluate_fewshot(datasets: list[str], batch_size: int) -> dict[str, float]:
     evaluator = fewshot.FewShotEvaluator(
         source.model, mesh.create_mesh(), datasets=datasets,
         batch_size=_global_batch(batch_size), image_size=source.image_size,
-        shots=[int(s) for s in _SHOTS.value], seed=_SEED.value,
+        shots=shots, seed=_SEED.value,
         train_split=_TRAIN_SPLIT.value, test_split=_TEST_SPLIT.value,
         data_dir=_DATA_DIR.value, resize=source.preprocessing.resize)
   except ValueError as e:  # unknown dataset or split, too few examples

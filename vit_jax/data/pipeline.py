@@ -193,7 +193,7 @@ def eval_dataset(src, split: str, *, local_batch: int, size: tuple[int, int],
     if examples is None:
       records = src.records(split, process_index, process_count)
     else:
-      keep = np.zeros(src.num_examples(split), bool)
+      keep = np.zeros(total, bool)
       keep[examples] = True
       keep = tf.constant(keep)
       records = src.records(split, 0, 1).enumerate().filter(

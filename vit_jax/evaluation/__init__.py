@@ -3,6 +3,8 @@
 Imports jax and numpy (and the model code); never TensorFlow. `classification`:
 top-1/top-5, loss, per-class accuracy and the confusion matrix over a whole
 split, shared by the trainer's evaluation and `python -m vit_jax.evaluate`;
-`inspection`: the arrays behind the paper's figures (attention rollout,
-position-embedding similarity, embedding filters, attention distance).
+`fewshot`: few-shot linear accuracy on frozen features (the paper's quick
+measure); `inspection`: the arrays behind the paper's figures (attention
+rollout, position-embedding similarity, embedding filters, attention
+distance).
 """

@@ -31,6 +31,15 @@ BIAS = 100.0
 _CHUNK = 4096  # test rows predicted at a time
 
 
+def parse_shots(text: str) -> tuple[int, ...]:
+  """'1, 5,10' -> (1, 5, 10): the shot counts of a config field or flag."""
+  parts = [part.strip() for part in str(text).split(',') if part.strip()]
+  if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+    raise ValueError('must be integers >= 1, comma-separated, e.g. '
+                     '1,5,10,25.')
+  return tuple(int(p) for p in parts)
+
+
 def select_shots(labels: np.ndarray, shots: int, num_classes: int,
                  seed: int) -> np.ndarray:
   """Sorted indices of `shots` examples of each class of `labels`.
@@ -50,7 +59,7 @@ def select_shots(labels: np.ndarray, shots: int, num_classes: int,
     raise ValueError(
         f'{shots}-shot needs {shots} examples of every class; '
         f'{len(short)} of {num_classes} classes have fewer: '
-        f'{", ".join(short[:5])}{" ..." if len(short) > 5 else ""}. Use a '
+        f'{", ".join(short[:5])}{", ..." if len(short) > 5 else ""}; use a '
         'larger train split or fewer shots.')
   return np.sort(np.concatenate(chosen))
 

@@ -13,6 +13,7 @@ import ml_collections
 
 from vit_jax.base import errors
 from vit_jax import models
+from vit_jax.evaluation import fewshot
 from vit_jax.training import optim
 
 ON_NONFINITE = ('stop', 'skip')
@@ -122,11 +123,11 @@ def check(config: ml_collections.ConfigDict) -> None:
 def _check_fewshot(config: ml_collections.ConfigDict) -> None:
   if 'fewshot' not in config:  # configs written before few-shot evaluation
     return
-  shots = [s.strip() for s in str(config.fewshot.shots).split(',')
-           if s.strip()]
-  if not shots or not all(s.isdigit() and int(s) >= 1 for s in shots):
-    raise ConfigError(f'config.fewshot.shots={config.fewshot.shots!r} must be '
-                      'comma-separated integers >= 1, e.g. "1,5,10,25".')
+  try:
+    fewshot.parse_shots(config.fewshot.shots)
+  except ValueError as e:
+    raise ConfigError(f'config.fewshot.shots={config.fewshot.shots!r} '
+                      f'{e}') from None
   _number(config, 'fewshot.every_steps', low=0, integer=True,
           what='>= 0 (0: with each evaluation)')
   _number(config, 'fewshot.seed', low=0, integer=True)

@@ -109,7 +109,7 @@ def from_config(config: ml_collections.ConfigDict, model, mesh,
     return None
   return FewShotEvaluator(
       model, mesh, datasets=datasets, batch_size=config.eval_batch_size,
-      image_size=image_size, shots=[int(s) for s in parse_list(cfg.shots)],
+      image_size=image_size, shots=fewshot.parse_shots(cfg.shots),
       seed=cfg.seed, l2_reg=cfg.l2_reg, train_split=cfg.train_split or None,
       test_split=cfg.test_split or None, data_dir=config.data_dir or None,
       manual_dir=config.manual_dir or None, resize=config.eval_resize)

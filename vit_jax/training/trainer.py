@@ -144,6 +144,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   with setup_lib.before_compiling():
     workdir = paths.prepare_for_writing(workdir)
     setup = setup_lib.create_setup(config)
+    # Its datasets and splits are checked with the run's own: before the
+    # workdir is locked or written.
+    fewshot = fewshot_lib.from_config(config, setup.model, setup.mesh,
+                                      setup.image_size)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:
       lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
@@ -169,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         workdir, enabled=jax.process_index() == 0))
     ckpt = stack.enter_context(state_checkpoint.StateCheckpointer(
         workdir / paths.CHECKPOINTS, max_to_keep=config.keep_checkpoints))
-    return _train_loop(setup, workdir, preemption, writer, ckpt)
+    return _train_loop(setup, workdir, preemption, writer, ckpt, fewshot)
 
 
 def _log_start(setup: setup_lib.Setup, workdir: pathlib.Path) -> None:
@@ -208,7 +212,9 @@ def _evaluations_due(config: ml_collections.ConfigDict, step: int,
 def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                 preemption: guards.PreemptionWatcher,
                 writer: progress_lib.MetricWriter,
-                ckpt: state_checkpoint.StateCheckpointer) -> dict[str, Any]:
+                ckpt: state_checkpoint.StateCheckpointer,
+                fewshot: fewshot_lib.FewShotEvaluator | None
+                ) -> dict[str, Any]:
   config = setup.config
   examples_seen, history = 0, None
   with setup_lib.before_compiling():
@@ -227,9 +233,6 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
   train_step = programs.train_step(setup, shardings)
   eval_step = programs.eval_step(setup)
-  with setup_lib.before_compiling():  # its datasets' errors before a compile
-    fewshot = fewshot_lib.from_config(config, setup.model, setup.mesh,
-                                      setup.image_size)
 
   def evaluate_all(params, classify: bool, linear: bool) -> dict[str, Any]:
     metrics = {}
