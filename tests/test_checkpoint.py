@@ -517,6 +517,21 @@ def test_keeps_last_n_saves_async(tmp_path):
   ckpt.close()
 
 
+def test_a_save_waiting_on_the_previous_one_is_said_once(
+    tmp_path, caplog, monkeypatch):
+  # Any wait counts as slow here; Orbax's own line would repeat at every save.
+  monkeypatch.setattr(state_checkpoint, 'SLOW_SAVE_SECONDS', 0.0)
+  with state_checkpoint.StateCheckpointer(tmp_path) as ckpt:
+    with caplog.at_level(logging.WARNING, logger=state_checkpoint.__name__):
+      for step in range(1, 4):
+        assert ckpt.save(step, _small_state(step), {'step': step})
+  said = [r.getMessage() for r in caplog.records
+          if r.name == state_checkpoint.__name__]
+  assert len(said) == 1, said
+  assert 'Step 2 waited' in said[0] and 'checkpoint 1' in said[0]
+  assert 'checkpoint_every' in said[0]
+
+
 def test_async_save_copies_before_returning(tmp_path):
   """The trainer donates the state to the next step right after save()."""
   state = {'w': jnp.arange(1 << 20, dtype=jnp.float32).reshape(256, -1)}

@@ -1,4 +1,5 @@
 """Every program speaks the same vocabulary: --help, usage errors, exit codes."""
+import logging
 import os
 import pathlib
 import shutil
@@ -77,3 +78,22 @@ def test_export_cli_writes_the_library_default_formats():
   assert f"(default: '{default}')" in help_text
   for fmt in export.FORMATS:  # every format is named in the help
     assert fmt in help_text.split('--formats:')[1].split('(default')[0]
+
+
+def test_library_chatter_is_filtered_and_our_warnings_kept():
+  from vit_jax import cli
+
+  def record(pathname, level, msg):
+    return logging.LogRecord('absl', level, pathname, 1, msg, None, None)
+
+  orbax = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  quiet = cli._QuietLibraries()
+  assert not quiet.filter(record(orbax, logging.INFO, 'Saving item'))
+  assert not quiet.filter(record(
+      orbax, logging.WARNING, 'Waiting for previous save to complete took '
+      '1.2 seconds. If this number is high, consider checkpointing less'))
+  kept = record(orbax, logging.WARNING, 'Disk full\nTraceback ...')
+  assert quiet.filter(kept) and kept.getMessage() == 'Disk full'
+  ours = record('/repo/vit_jax/runs/state_checkpoint.py', logging.WARNING,
+                'Step 2 waited 1.5 s for checkpoint 1 to finish writing')
+  assert quiet.filter(ours)

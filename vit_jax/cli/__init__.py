@@ -70,10 +70,15 @@ class _QuietLibraries(std_logging.Filter):
   on a machine's first run): drops INFO chatter (dozens of lines per save), and cuts
   their error tracebacks to the first line, since our errors name the reason.
   asyncio's "Task exception was never retrieved" for Orbax's tasks, logged at
-  exit after a failed save, only repeats that error: dropped."""
+  exit after a failed save, only repeats that error: dropped. So is Orbax's
+  "Waiting for previous save", repeated at every slow save: StateCheckpointer
+  says it once, in our words."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.name == 'asyncio' and 'orbax' in record.getMessage():
+      return False
+    if ('/orbax/' in record.pathname
+        and 'Waiting for previous save' in str(record.msg)):
       return False
     if (record.name == 'jax._src.xla_bridge'
         and record.levelno < std_logging.WARNING):

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -39,6 +40,9 @@ from vit_jax.base import errors
 from vit_jax.runs import reader
 
 log = logging.getLogger(__name__)
+
+# A save that waits longer than this for the previous one is worth one line.
+SLOW_SAVE_SECONDS = 1.0
 
 
 def _check_json(meta: Mapping[str, Any]) -> None:
@@ -121,6 +125,7 @@ class StateCheckpointer:
     self._unreadable: set[int] = set()  # steps restore() had to skip
     self._in_flight: int | None = None  # step whose async save may not be done
     self._failed = False  # a CheckpointWriteError was raised already
+    self._warned_slow = False  # said once per run, not at every save
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -136,7 +141,16 @@ class StateCheckpointer:
     """
     _check_json(meta)
     # A failure of the previous background save is reported as that step's.
+    previous, waiting_since = self._in_flight, time.monotonic()
     self.wait_until_finished()
+    waited = time.monotonic() - waiting_since
+    if (previous is not None and waited > SLOW_SAVE_SECONDS
+        and not self._warned_slow):
+      # Orbax says this at every save, in its own words (dropped by the CLI).
+      self._warned_slow = True
+      log.warning('Step %d waited %.1f s for checkpoint %s to finish writing: '
+                  'saving this often slows training; consider a larger '
+                  'checkpoint_every. (Said once.)', step, waited, previous)
     self._set_aside_unreadable()
     if step in self.all_steps():
       log.warning('Checkpoint step %d already exists in %s; not overwritten.',
