@@ -37,6 +37,11 @@ def _cifar10(config: ml_collections.ConfigDict, width: int, depth: int,
   config.model_name = 'ViT-Ti_16'
   config.model.update(dict(patch_size=4, hidden_size=width, num_layers=depth,
                            mlp_dim=2 * width, num_heads=width // 64))
+  return _cifar10_recipe(config, steps, crop_min_area)
+
+
+def _cifar10_recipe(config: ml_collections.ConfigDict, steps: int,
+                    crop_min_area: float) -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'
   config.image_size = 32
   config.crop_min_area = crop_min_area
@@ -63,6 +68,12 @@ def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
                       crop_min_area=0.25)
     config.eval_every = 1000
     return config
+  if arg == 'cifar10_bit':
+    # The ResNet baseline with the ViTs' recipe: a BiT ResNet-v2 with two
+    # units per stage (an R26x1) on CIFAR-10 at 32px.
+    config.model_name = 'BiT-R50x1'
+    config.model.resnet_layers = (2, 2, 2, 2)
+    return _cifar10_recipe(config, steps=600, crop_min_area=0.05)
   if arg == 'imagenet_s16':
     config.model_name = 'ViT-S_16'
     config.model.classifier = 'gap'
@@ -87,4 +98,4 @@ def get_config(arg: str = 'cifar10') -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000
     return config
   raise ValueError(f'Unknown pretrain config {arg!r}; allowed: cifar10_quick, '
-                   'cifar10, imagenet_s16.')
+                   'cifar10, cifar10_bit, imagenet_s16.')

@@ -14,46 +14,16 @@ Prints markdown rows for experiments/README.md. `--smoke` shrinks every run
 to a few steps to check the script itself.
 """
 import argparse
-import json
-import os
 import pathlib
-import platform
-import shlex
-import subprocess
-import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DATA = os.environ.get('TFDS_DATA_DIR',
-                      str(REPO.parent / 'shared' / 'data' / 'tensorflow_datasets'))
+from experiment_runs import machine_line
+from experiment_runs import run
+
 FINETUNE = 'configs/finetune.py:cifar10,pretrain:cifar10'
 # Fine-tuning budget per run: 300 steps of 64 images (~0.4 epochs).
 FT_ARGS = {'batch_size': 64, 'eval_batch_size': 400, 'total_steps': 300,
            'schedule.warmup_steps': 30, 'optimizer.learning_rate': 0.01,
            'checkpoint_every': 300, 'log_every': 50}
-SMOKE = {'total_steps': 4, 'eval_split': 'test[:400]', 'log_every': 2,
-         'checkpoint_every': 4, 'schedule.warmup_steps': 1}
-
-
-def run(name: str, config: str, out: pathlib.Path, smoke: bool,
-        **overrides) -> dict:
-  """Runs (or reuses) one training run; returns its metrics and command."""
-  workdir = out / name
-  args = {'data_dir': DATA, **overrides, **(SMOKE if smoke else {})}
-  command = ['python', '-m', 'vit_jax.main', f'--config={config}',
-             f'--workdir={workdir}'] + [f'--config.{k}={v}'
-                                         for k, v in args.items()]
-  metrics_file = workdir / 'metrics.json'
-  if not metrics_file.exists():
-    print('$', shlex.join(command), flush=True)
-    start = time.time()
-    subprocess.run([sys.executable, *command[1:]], cwd=REPO, check=True)
-    (workdir / 'wall_time.txt').write_text(f'{time.time() - start:.0f}\n')
-  metrics = json.loads(metrics_file.read_text())
-  metrics['minutes'] = float((workdir / 'wall_time.txt').read_text()) / 60
-  metrics['command'] = shlex.join(command).replace(str(out), '$OUT').replace(
-      DATA, '$TFDS_DATA_DIR')
-  return metrics
 
 
 def finetune(name: str, out: pathlib.Path, smoke: bool, size: int,
@@ -93,8 +63,7 @@ def main() -> None:
     rows.append(row('48px, linear probe (all but the head frozen)',
                     finetune('ft48_probe', out, smoke, 48,
                              **{'optimizer.freeze': '^(?!head/)'})))
-  print(f'\nMachine: {platform.processor() or platform.machine()}, '
-        f'{os.cpu_count()} cores; {time.strftime("%Y-%m-%d")}\n')
+  print(f'\n{machine_line()}\n')
   print('| run | test top-1 % | steps | minutes | command |')
   print('|---|---|---|---|---|')
   print('\n'.join(rows))

@@ -11,6 +11,7 @@ import numpy as np
 
 from configs import pretrain
 from vit_jax.sources import workdir as vit_workdir
+from vit_jax.training import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tiny model on a slice of real CIFAR-10: seconds per run on 2 cores.
@@ -24,14 +25,8 @@ TINY = {
 
 
 def tiny_config(data_dir: str, **overrides):
-  config = pretrain.get_config('cifar10_quick')
-  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_lib.with_overrides(pretrain.get_config('cifar10_quick'), {
+      **TINY, 'data_dir': data_dir, **overrides})
 
 
 def cli(data_dir: str, workdir, **overrides) -> list[str]:

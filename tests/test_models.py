@@ -19,6 +19,11 @@ PARAM_COUNTS = {
     'ViT-H_14': 632_045_800, 'R50+ViT-B_16': 98_659_112,
     'R26+ViT-S_32': 36_431_912, 'R26+ViT-B_32': 101_383_976,
     'R50+ViT-L_32': 328_994_856, 'R+ViT-Ti_16': 6_337_704,
+    # BiT ResNet-v2 at 1000 classes: the published models' counts (BiT's
+    # big_transfer code; timm's resnetv2_*_bit count the same).
+    'BiT-R50x1': 25_549_352, 'BiT-R50x3': 217_319_080,
+    'BiT-R101x1': 44_541_480, 'BiT-R101x3': 387_934_888,
+    'BiT-R152x2': 236_335_208, 'BiT-R152x4': 936_533_224,
 }
 TINY = dict(num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2,
             patch_size=8)

@@ -11,6 +11,7 @@ import pytest
 from configs import pretrain
 from vit_jax.planning import hlo
 from vit_jax.planning import topology
+from vit_jax.training import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -30,13 +31,7 @@ def tiny(**overrides):
   config.batch_size = 256
   config.mesh.fsdp_min_size = 1024
   overrides.setdefault('eval_batch_size', overrides.get('batch_size', 256))
-  for key, value in overrides.items():
-    *groups, leaf = key.split('.')
-    node = config
-    for group in groups:
-      node = node[group]
-    node[leaf] = value
-  return config
+  return config_lib.with_overrides(config, overrides)
 
 
 def forward_flops_per_image(width, depth, mlp, tokens, patches, patch_pixels,

@@ -117,3 +117,26 @@ def test_a_transformers_model_loads_into_ours_with_its_logits(tmp_path):
   x = pytorch_tests.pixels()
   assert relative_error(pytorch_tests.logits(ours, x),
                         torch_logits(model, x)) < TOLERANCE
+
+
+@pytest.mark.parametrize('resnet_layers,width,size', [
+    ((1, 2, 1, 1), 1, 64), ((2, 1), 2, 48)])
+def test_timm_bit_reads_our_npz_with_our_logits(tmp_path, resnet_layers,
+                                                width, size):
+  """Our BiT ResNet-v2 written as BiT's published .npz, read by timm's BiT
+  loader into timm's ResNetV2 built as its resnetv2_*_bit models are."""
+  import functools
+  timm = pytest.importorskip('timm', reason='timm is not installed')
+  from vit_jax import checkpoint
+  model = models.create_model('BiT-R50x1', 10, resnet_layers=resnet_layers,
+                              resnet_width=width)
+  params = names.random_params(model, size)
+  checkpoint.save_npz(tmp_path / 'bit.npz', params)
+  theirs = timm.models.resnetv2.ResNetV2(
+      layers=list(resnet_layers), width_factor=width, num_classes=10,
+      stem_type='fixed', conv_layer=functools.partial(
+          timm.layers.StdConv2d, eps=1e-8))
+  theirs.load_pretrained(str(tmp_path / 'bit.npz'))
+  x = pytorch_tests.pixels(size=size)
+  ours = np.asarray(model.apply({'params': params}, x))
+  assert relative_error(torch_logits(theirs, x), ours) < TOLERANCE

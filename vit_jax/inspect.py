@@ -46,11 +46,17 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per forward pass '
 def main(argv: list[str]) -> None:
   cli.require('model', 'output')
   # Imported after the flags parse: the model code and matplotlib are slow.
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluation import figures  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluation import inspection  # pylint: disable=g-import-not-at-top
   from vit_jax.serving import images  # pylint: disable=g-import-not-at-top
   source = cli.load_model_source()
   model, params, size = source.model, source.params, source.image_size
+  if not isinstance(model, models.VisionTransformer):
+    raise cli.UsageError(
+        f'{source.model_name} is a {type(model).__name__}: the inspection '
+        'figures (attention, position embeddings, patch filters) are of '
+        'Vision Transformers.')
   logging.info('%s pooling, %dx%d images.', model.classifier, *size)
   paths = images.list_images(argv[1:])[:_MAX_IMAGES.value]
   tokens = (inspection.num_prefix_tokens(model)

@@ -138,6 +138,9 @@ def _check_fits(flat: Mapping, init: Mapping, source: str,
 
 
 def _check_model_config(init: Mapping, model_config: Any, source: str) -> None:
+  if not isinstance(model_config, Mapping) and not hasattr(model_config,
+                                                           'classifier'):
+    return  # a BiT ResNet: no class token or pre-logits to check
   get = (model_config.get if isinstance(model_config, Mapping)
          else lambda k, d=None: getattr(model_config, k, d))
   has_cls = get('classifier', 'token') in ('token', 'token_unpooled')

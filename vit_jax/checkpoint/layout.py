@@ -11,9 +11,15 @@
      LayerNorm_1, MlpBlock_0).
   3. Our exports: layout 1 without prefix. A flat dump of our linen tree
      (linen numbering, no prefix) reads as well.
+  4. BiT's published ResNet-v2 files (big_transfer's TF names, which timm's
+     BiT loader reads): `resnet/root_block/standardized_conv2d/kernel`,
+     `resnet/block{b}/unit{uu}/{a,b,c}/{standardized_conv2d/kernel,
+     group_norm/{gamma,beta}}`, `.../unit01/a/proj/standardized_conv2d/kernel`,
+     `resnet/group_norm/{gamma,beta}`, `resnet/head/conv2d/{kernel,bias}` (a
+     1x1 convolution).
 
 `to_linen_layout` turns any of them into our model's naming; `to_original_layout`
-writes layout 1.
+writes layout 1 for ViTs and layout 4 for BiT models.
 """
 from collections.abc import Mapping
 import re
@@ -30,6 +36,77 @@ TO_PRE_LINEN = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_
 FROM_PRE_LINEN = {v: k for k, v in TO_PRE_LINEN.items()}
 _GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 _BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/(.*)$')
+
+
+_BIT_UNIT = re.compile(r'^resnet/(block\d+)/unit(\d+)/([abc])/'
+                       r'(proj/)?(standardized_conv2d|group_norm)(?:_\d+)?/'
+                       r'(kernel|gamma|beta)$')
+_LINEN_UNIT = re.compile(r'^(block\d+)/unit(\d+)/(conv|gn)(\d|_proj)/'
+                         r'(kernel|scale|bias)$')
+# BiT's names outside the units <-> ours.
+_BIT_TOP = {'resnet/root_block/standardized_conv2d/kernel': 'conv_root/kernel',
+            'resnet/group_norm/gamma': 'norm_pre_head/scale',
+            'resnet/group_norm/beta': 'norm_pre_head/bias',
+            'resnet/head/conv2d/kernel': 'head/kernel',
+            'resnet/head/conv2d/bias': 'head/bias'}
+_BIT_PARAM = {'kernel': 'kernel', 'gamma': 'scale', 'beta': 'bias'}
+
+
+def is_bit(flat: Mapping[str, Any]) -> bool:
+  """Params of a BiT ResNet-v2, in its published layout or ours."""
+  return any(k.startswith('resnet/') or k.startswith('norm_pre_head/')
+             for k in flat)
+
+
+def from_bit_layout(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """BiT's published names (layout 4) -> our `models.BiT` names."""
+  out = {}
+  for key, value in flat.items():
+    if key in _BIT_TOP:
+      name = _BIT_TOP[key]
+      if name == 'head/kernel':  # a (1, 1, C, K) convolution: a dense layer
+        value = np.reshape(value, np.shape(value)[-2:])
+      out[name] = value
+      continue
+    match = _BIT_UNIT.match(key)
+    if not match:
+      raise ValueError(f'{key!r} is not a name of BiT\'s ResNet-v2 files '
+                       '(resnet/root_block, resnet/block{b}/unit{uu}/{a,b,c}, '
+                       'resnet/group_norm, resnet/head).')
+    block, unit, layer, proj, kind, param = match.groups()
+    if proj:
+      module = 'conv_proj'
+    else:
+      module = ('conv' if kind == 'standardized_conv2d' else 'gn') + str(
+          'abc'.index(layer) + 1)
+    out[f'{block}/unit{int(unit)}/{module}/{_BIT_PARAM[param]}'] = value
+  # GroupNorm params may be stored as (1, 1, 1, C).
+  return {k: np.reshape(v, (-1,)) if k.endswith(('/scale', '/bias'))
+          and not k.startswith('head/') else v for k, v in out.items()}
+
+
+def to_bit_layout(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Our `models.BiT` names -> BiT's published layout 4."""
+  top = {v: k for k, v in _BIT_TOP.items()}
+  params = {v: k for k, v in _BIT_PARAM.items()}
+  out = {}
+  for key, value in flat.items():
+    if key in top:
+      if key == 'head/kernel':
+        value = np.reshape(value, (1, 1, *np.shape(value)))
+      out[top[key]] = value
+      continue
+    match = _LINEN_UNIT.match(key)
+    if not match:
+      raise ValueError(f'{key!r} is not a parameter of a BiT model.')
+    block, unit, kind, which, param = match.groups()
+    if which == '_proj':
+      name = 'a/proj/standardized_conv2d'
+    else:
+      name = 'abc'[int(which) - 1] + (
+          '/standardized_conv2d' if kind == 'conv' else '/group_norm')
+    out[f'resnet/{block}/unit{int(unit):02d}/{name}/{params[param]}'] = value
+  return out
 
 
 def strip_training_prefix(flat: Mapping[str, Any]) -> tuple[dict, bool]:
@@ -92,6 +169,8 @@ def to_linen_layout(flat: Mapping[str, Any]) -> dict[str, Any]:
   Encoder blocks stay stacked or unrolled as stored.
   """
   flat, big_vision = strip_training_prefix(flat)
+  if any(k.startswith('resnet/') for k in flat):
+    return from_bit_layout(flat)
   if big_vision:
     flat = from_big_vision_posemb(flat)
   if any('/MlpBlock_3/' in k for k in flat):  # pre-linen numbering
@@ -102,7 +181,10 @@ def to_linen_layout(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_original_layout(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Our flat naming -> Google's original layout 1 (unrolled, pre-linen)."""
+  """Our flat naming -> Google's original layout 1 (unrolled, pre-linen),
+  or BiT's layout 4 for BiT models."""
+  if is_bit(flat):
+    return to_bit_layout(flat)
   return rename_block_children(unstack_blocks(flat), TO_PRE_LINEN)
 
 

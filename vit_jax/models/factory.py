@@ -14,26 +14,38 @@ import jax.numpy as jnp
 
 from vit_jax.base import errors
 from vit_jax.models import registry
+from vit_jax.models.bit import BiT
 from vit_jax.models.vit import VisionTransformer
 
+Model = VisionTransformer | BiT
+# The model classes by the registry's 'architecture' (BiT's fields are a
+# subset of VisionTransformer's names, so configs have one set of options).
+ARCHITECTURES: dict[str, type] = {'vit': VisionTransformer, 'bit': BiT}
 
-_FIELDS = tuple(f for f in VisionTransformer.__dataclass_fields__
-                if f not in ('parent', 'name'))
+
+def _fields(cls: type) -> tuple[str, ...]:
+  return tuple(f for f in cls.__dataclass_fields__
+               if f not in ('parent', 'name'))
+
+
+def model_fields(name: str) -> tuple[str, ...]:
+  """The fields of the class that builds the registered model `name`."""
+  return _fields(ARCHITECTURES[registry.architecture(name)])
 
 
 def option_types() -> dict[str, type]:
-  """Every architecture option of VisionTransformer (what a config may set) ->
-  the type a config gives it: dtypes by name (str), patch size as int (square)
-  or tuple, `None`-able fields as their non-None type."""
+  """Every architecture option of the model classes (what a config may
+  set) -> the type a config gives it: dtypes by name (str), patch size as int
+  (square) or tuple, `None`-able fields as their non-None type."""
   special = {'dtype': str, 'param_dtype': str, 'patch_size': int,
              'resnet_layers': tuple, 'representation_size': int,
              'layerscale': float}
   options = {}
-  for name in _FIELDS:
-    if name == 'num_classes':  # from the dataset, not the config
-      continue
-    options[name] = special.get(name) or VisionTransformer.__dataclass_fields__[
-        name].type  # int, float, str or bool
+  for cls in ARCHITECTURES.values():
+    for name in _fields(cls):
+      if name != 'num_classes':  # from the dataset, not the config
+        options.setdefault(name, special.get(name)
+                           or cls.__dataclass_fields__[name].type)
   return options
 
 
@@ -59,10 +71,10 @@ def options_from_json(options: Mapping[str, Any]) -> dict[str, Any]:
   return kwargs
 
 
-def options_to_json(model: VisionTransformer) -> dict[str, Any]:
+def options_to_json(model: Model) -> dict[str, Any]:
   """The model's options as JSON values: the inverse of `options_from_json`."""
   options = {}
-  for name in _FIELDS:
+  for name in _fields(type(model)):
     if name == 'num_classes':
       continue
     value = getattr(model, name)
@@ -72,27 +84,28 @@ def options_to_json(model: VisionTransformer) -> dict[str, Any]:
   return options
 
 
-def create_model(name: str, num_classes: int, **overrides: Any
-                 ) -> VisionTransformer:
+def create_model(name: str, num_classes: int, **overrides: Any) -> Model:
   """The registered model `name` (e.g. 'ViT-B_16'), with any field overridden.
 
   >>> model = create_model('ViT-Ti_16', num_classes=10, dtype=jnp.bfloat16)
   """
   config = registry.get_model_config(name)
-  unknown = sorted(set(overrides) - set(_FIELDS))
+  cls = ARCHITECTURES[config.pop('architecture', 'vit')]
+  fields = _fields(cls)
+  unknown = sorted(set(overrides) - set(fields))
   if unknown:
     hint = '; '.join(f'{k!r}' + ''.join(
-        f' (did you mean {c!r}?)' for c in errors.close_matches(k, _FIELDS))
+        f' (did you mean {c!r}?)' for c in errors.close_matches(k, fields))
                      for k in unknown)
-    raise ValueError(f'Unknown model option(s) {hint} for {name}. '
-                     f'Options: {", ".join(_FIELDS)}.')
+    raise ValueError(f'Unknown model option(s) {hint} for {name} '
+                     f'({cls.__name__}). Options: {", ".join(fields)}.')
   config.update(overrides, num_classes=num_classes)
-  if isinstance(config['patch_size'], int):
+  if isinstance(config.get('patch_size'), int):
     config['patch_size'] = (config['patch_size'],) * 2
-  return VisionTransformer(**config)
+  return cls(**config)
 
 
-def count_params(model: VisionTransformer,
+def count_params(model: Model,
                  image_size: tuple[int, int] = (224, 224)) -> int:
   """Number of parameters, from shapes only (nothing is allocated)."""
   shapes = jax.eval_shape(

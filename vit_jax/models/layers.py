@@ -191,3 +191,12 @@ class Encoder1DBlock(nn.Module):
     if self.layerscale is not None:
       y = LayerScale(self.layerscale, self.param_dtype, name='LayerScale_1')(y)
     return x + _drop_path(self, y, drop_path_rate, deterministic)
+
+
+def classifier_head(num_classes: int, bias_init: float, dtype: Dtype,
+                    param_dtype: Dtype) -> nn.Dense:
+  """The zero-initialised `head` (Google's name) of every model: a new task
+  starts from uniform predictions."""
+  return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype,
+                  name='head', kernel_init=nn.initializers.zeros,
+                  bias_init=nn.initializers.constant(bias_init))

@@ -299,10 +299,8 @@ class VisionTransformer(nn.Module):
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
                             param_dtype=self.param_dtype, name='pre_logits')(x))
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name='head',
-                   kernel_init=nn.initializers.zeros,
-                   bias_init=nn.initializers.constant(self.head_bias_init))(x)
+      x = layers.classifier_head(self.num_classes, self.head_bias_init,
+                                 self.dtype, self.param_dtype)(x)
     # Logits leave in float32 whatever the compute dtype: losses need range.
     return x.astype(jnp.float32)
 

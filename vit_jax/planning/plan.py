@@ -36,6 +36,7 @@ from vit_jax.planning import chips
 from vit_jax.planning import flops as flops_lib
 from vit_jax.planning import hlo
 from vit_jax.planning import topology as topology_lib
+from vit_jax.training import config as config_lib
 from vit_jax.training import programs
 from vit_jax.training import setup as setup_lib
 
@@ -127,18 +128,6 @@ def _compile(setup: setup_lib.Setup, mode: str) -> dict[str, Any]:
   return measured
 
 
-def _overridden(config: ml_collections.ConfigDict,
-                overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides.items():
-    *groups, leaf = path.split('.')
-    node = config
-    for group in groups:
-      node = node[group]
-    node[leaf] = value
-  return config
-
-
 def _candidates(config: ml_collections.ConfigDict, measured: dict,
                 num_devices: int, hbm: int) -> list[tuple[dict, float]]:
   """Single changes that could make it fit, with a rough estimate of each."""
@@ -176,8 +165,8 @@ def _suggestion(config, tpu, info, mode, measured, hbm) -> dict | None:
   for change, _ in _candidates(config, measured, len(tpu.devices),
                                hbm)[:_MAX_COMPILES_FOR_A_SUGGESTION]:
     try:
-      setup = setup_lib.create_setup(_overridden(config, change), info,
-                                     tpu.devices)
+      setup = setup_lib.create_setup(
+          config_lib.with_overrides(config, change), info, tpu.devices)
     except ValueError:
       continue
     result = _compile(setup, mode)
@@ -194,7 +183,7 @@ def _model_flops(config, info, tpu, mode, setup, measured) -> float:
   MFU counts (the recomputation a remat policy adds is the hardware's work,
   not the model's)."""
   if (config.model.remat_policy or 'none') != 'none':
-    plain = setup_lib.create_setup(_overridden(
+    plain = setup_lib.create_setup(config_lib.with_overrides(
         config, {'model.remat_policy': 'none'}), info, tpu.devices)
     fn, args, _ = _program(plain, mode)
     total, _ = flops_lib.loop_factor(fn, *args)
@@ -227,7 +216,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, *,
   mesh_devices = setup.mesh.devices.size
   cost, cost_from = measured['cost'], 'this program'
   if loops > 1.001 and unrolled_cost:
-    twin = setup_lib.create_setup(_overridden(
+    twin = setup_lib.create_setup(config_lib.with_overrides(
         config, {'model.scan_layers': False, 'accum_steps': 1}), info,
                                   tpu.devices)
     cost = _compile(twin, mode)['cost']

@@ -28,7 +28,8 @@ from vit_jax.serving import images
 
 CARD_SUFFIX = '.card.json'
 CARD_FORMAT = 'vit_jax.export/2'
-HEAD_BIAS = 'head/bias'
+# The head's bias in the files: a ViT's (Google's names), a BiT ResNet's.
+HEAD_BIASES = ('head/bias', 'resnet/head/conv2d/bias')
 
 
 class CardError(ValueError):
@@ -188,7 +189,7 @@ def verify_params(flat: Mapping[str, Any], card: Mapping[str, Any],
     raise CardError(f'Params of {source} have sha256 {actual}, but the card '
                     f'says {card["params"]["sha256"]}: the file is corrupt or '
                     'from another export.')
-  classes = np.shape(flat[HEAD_BIAS])[-1] if HEAD_BIAS in flat else 0
+  classes = next((np.shape(flat[k])[-1] for k in HEAD_BIASES if k in flat), 0)
   if classes != card['num_classes']:
     raise CardError(f'{source} has a {classes}-class head but its card says '
                     f'num_classes={card["num_classes"]}.')

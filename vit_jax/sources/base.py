@@ -29,10 +29,17 @@ INFERENCE_OPTIONS = dict(scan_layers=False, remat_policy='none',
                          attention_impl='xla')
 
 
+def inference_options(model_name: str) -> dict[str, Any]:
+  """INFERENCE_OPTIONS that the architecture of `model_name` has (a BiT
+  ResNet has none of them)."""
+  fields = models.model_fields(model_name)
+  return {k: v for k, v in INFERENCE_OPTIONS.items() if k in fields}
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A model to export, run or inspect: architecture, params, eval protocol."""
-  model: models.VisionTransformer  # with INFERENCE_OPTIONS
+  model: models.Model  # with INFERENCE_OPTIONS
   model_name: str
   params: dict[str, Any]  # our linen tree, numpy, blocks unrolled
   image_size: tuple[int, int]
@@ -79,6 +86,8 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
   """
   image_size = tuple(int(s) for s in image_size)
   source.model.check_input_shape((1, *image_size, 3))
+  if layout.POSEMB not in arrays.flatten(source.params):  # a ResNet
+    return dataclasses.replace(source, image_size=image_size)
   old_grid = source.model.token_grid(source.image_size)
   grid = source.model.token_grid(image_size)
   if grid == old_grid:

@@ -72,6 +72,13 @@ def check_request(name: str, formats: tuple[str, ...],
 def check_expressible(source: base.Source, formats: tuple[str, ...]) -> None:
   """One line, before anything is written, for a format that cannot hold
   the model (rather than a file that would load wrongly)."""
+  pytorch = [f for f in formats if f in ('timm', 'hf')]
+  if pytorch and not isinstance(source.model, models.VisionTransformer):
+    raise ValueError(
+        f'Format {", ".join(pytorch)}: only Vision Transformers, and '
+        f'{source.model_name} is a {type(source.model).__name__} ResNet. '
+        "Its npz format is BiT's published layout, which timm's "
+        'ResNetV2.load_pretrained reads.')
   if 'timm' in formats:
     timm.architecture_name(source.model, source.image_size)
   if 'hf' in formats:

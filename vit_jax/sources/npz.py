@@ -30,9 +30,29 @@ _REQUIRED = ('embedding/kernel', layout.POSEMB,
              'kernel', 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')
 
 
+def _bit_options(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """A BiT ResNet's units per stage and width factor, from its arrays."""
+  units = {}
+  for key in flat:
+    if key.startswith('block'):
+      block, unit = key.split('/')[:2]
+      units.setdefault(int(block[len('block'):]), set()).add(unit)
+  return {'resnet_layers': tuple(len(units[b]) for b in sorted(units)),
+          'resnet_width': flat['conv_root/kernel'].shape[-1] // 64}
+
+
 def infer_options(flat: Mapping[str, np.ndarray], model_name: str,
                   source: str) -> dict[str, Any]:
   """Architecture fields that the (linen-named, unrolled) arrays' shapes give."""
+  bit_file = layout.is_bit(flat)
+  if registry.architecture(model_name) == 'bit' or bit_file:
+    if not bit_file or registry.architecture(model_name) != 'bit':
+      raise ValueError(
+          f'{source} holds a {"BiT ResNet" if bit_file else "ViT"} but '
+          f'{model_name} is {"a ViT" if bit_file else "a BiT ResNet"}: pass '
+          f'the --model_name of its architecture, e.g. '
+          f'{"BiT-R50x1" if bit_file else "ViT-B_16"}.')
+    return _bit_options(flat)
   missing = [k for k in _REQUIRED if k not in flat]
   if missing:
     raise ValueError(f'{source} is not a ViT checkpoint: it lacks '
@@ -101,11 +121,14 @@ def from_npz(path: str | os.PathLike, model_name: str, *,
     raise ValueError(f'--num_classes={num_classes} but the head of {path} '
                      f'has {found} classes.')
   model = models.create_model(model_name, found, **{
-      **options, **(overrides or {}), **base.INFERENCE_OPTIONS})
+      **options, **(overrides or {}), **base.inference_options(model_name)})
   if image_size is not None:
     model.check_input_shape((1, *image_size, 3))
-  tokens = flat[layout.POSEMB].shape[1] - layout.posemb_prefix_slots(flat)
-  if image_size is not None and math.prod(
+  tokens = (flat[layout.POSEMB].shape[1] - layout.posemb_prefix_slots(flat)
+            if layout.POSEMB in flat else None)
+  if tokens is None:  # a ResNet: any size; BiT's upstream 224
+    stored = tuple(image_size or (224, 224))
+  elif image_size is not None and math.prod(
       model.token_grid(image_size)) == tokens:
     stored = tuple(image_size)  # e.g. a non-square size of the same count
   else:

@@ -82,7 +82,7 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
 def _registry_name(options: dict[str, Any]) -> str:
   """Our name closest to `options` (a card's name; its options win)."""
   same = [n for n, c in registry.MODELS.items()
-          if c['hidden_size'] == options['hidden_size']
+          if c.get('hidden_size') == options['hidden_size']
           and (c.get('resnet_layers') is None) == (
               options.get('resnet_layers') is None)]
   exact = [n for n in same

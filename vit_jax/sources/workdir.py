@@ -46,7 +46,8 @@ def from_workdir(workdir: str | os.PathLike, step: int | None = None
   """The model of a training workdir (newest readable checkpoint, or `step`)."""
   trained = load_workdir(workdir, step)
   return base.Source(
-      model=trained.model.clone(**base.INFERENCE_OPTIONS),
+      model=trained.model.clone(
+          **base.inference_options(trained.config.model_name)),
       model_name=trained.config.model_name,
       params=base.inference_params(trained.params),
       image_size=trained.image_size, label_names=trained.label_names,

@@ -5,9 +5,12 @@ compiled, so a typo or a value out of range costs a second, not a compile or
 a whole training run (fields used only by the final evaluation included).
 Each ConfigError names the field, its value and what is allowed.
 """
+from collections.abc import Mapping
+import copy
 import fnmatch
 import math
 import numbers
+from typing import Any
 
 import ml_collections
 
@@ -24,6 +27,21 @@ POSEMB_METHODS = ('bilinear', 'bicubic', 'reinit')
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names field and remedy."""
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with {'optimizer.name': 'sgd', ...} set, as
+  `--config.<path>=...` would set them (values of the fields' types; fields
+  that follow another, e.g. a warmup of 5 % of total_steps, follow it)."""
+  config = copy.deepcopy(config)
+  for path, value in overrides.items():
+    *groups, leaf = path.split('.')
+    node = config
+    for group in groups:
+      node = node[group]
+    node[leaf] = value
+  return config
 
 
 def _number(config, path: str, *, low=None, high=None, low_open=False,

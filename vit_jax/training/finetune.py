@@ -49,6 +49,14 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
   params = checkpoint.load_pretrained(
       weights, fresh, model, new_grid=new_grid, old_grid=old_grid,
       posemb_method='bilinear' if posemb_method == 'reinit' else posemb_method)
+  classes = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
+  record = {
+      'source_kind': kind, 'path': os.fspath(path),
+      'head': {'classes': [classes(weights), classes(params)],
+               're_initialised': True},
+  }
+  if 'Transformer' not in params:  # a ResNet: nothing else to adapt
+    return params, record
   if posemb_method == 'reinit':
     params['Transformer']['posembed_input'] = fresh['Transformer'][
         'posembed_input']
@@ -57,17 +65,13 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
   new_posemb = params['Transformer']['posembed_input']['pos_embedding']
   prefix = new_posemb.shape[1] - new_grid[0] * new_grid[1]
   old_grid = old_grid or posemb.infer_grid(old_posemb.shape[1] - prefix)
-  classes = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
   patch = lambda p: tuple(np.shape(p['embedding']['kernel'])[:2])
-  record = {
-      'source_kind': kind, 'path': os.fspath(path),
+  record.update({
       'posemb_method': posemb_method,
-      'head': {'classes': [classes(weights), classes(params)],
-               're_initialised': True},
       'position_embedding_grid': [list(old_grid), list(new_grid)],
       'position_embedding_resized': tuple(old_grid) != tuple(new_grid),
       'pre_logits': ['pre_logits' in weights, 'pre_logits' in params],
       'patch_size': [list(patch(weights)), list(patch(params))],
       'patch_embedding_resized': patch(weights) != patch(params),
-  }
+  })
   return params, record
