@@ -15,6 +15,14 @@
       3000 steps (7.7 epochs) in 71 min, test top-1 54.9 % (43.8 % at step
       1000, 51.3 % at 2000); 0.9-1 step/s when the machine was quiet, i.e.
       about 55 min alone.
+  cifar10_bit  BiT ResNet-v2 R26x1 (2 units per stage) on CIFAR-10 at 32px, the
+      ViTs' recipe: the ResNet baseline of experiments/figure5_cifar10.py.
+      python -m vit_jax.main --config=configs/pretrain.py:cifar10_bit \
+          --workdir=/tmp/bit_cifar10
+      2026-12-05, 2-core CPU, 1 process, 600 steps: 16.8 min (0.68 steps/s;
+      with a 10-shot evaluation at the end), test top-1 48.7 % (10,000
+      images); --config.model.resnet_layers='(1,1,1,1)' (R14x1): 11.4 min,
+      49.2 %. experiments/README.md compares both with ViTs and hybrids.
   imagenet_s16  "Better plain ViT baselines for ImageNet-1k" (arXiv 2205.01580):
       ViT-S/16, GAP head, 90 epochs at batch 1024, Adam lr 1e-3, decoupled wd
       1e-4, 10k warmup steps, cosine, RandAugment(2, 10), mixup 0.2, 224px.
@@ -24,7 +32,7 @@
       Reported: 76.5% top-1 after 90 epochs on a TPUv3-8 in ~7h (the paper);
       not run here (no ImageNet on this machine).
 
-Both CIFAR configs read the prepared TFDS copy; point TFDS_DATA_DIR (or
+The CIFAR configs read the prepared TFDS copy; point TFDS_DATA_DIR (or
 --config.data_dir) at it, e.g. ../shared/data/tensorflow_datasets.
 """
 import ml_collections
