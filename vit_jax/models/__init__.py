@@ -29,7 +29,7 @@ from vit_jax.models.vit import stack_encoder_blocks
 from vit_jax.models.vit import unstack_encoder_blocks
 
 __all__ = ['ARCHITECTURES', 'ATTENTION_IMPLS', 'BiT', 'CLASSIFIERS', 'MODELS',
-           'Model', 'REMAT_POLICIES', 'VisionTransformer', 'count_params', 'create_model',
-           'get_model_config', 'model_fields', 'option_types', 'options_from_json',
-           'options_to_json', 'stack_encoder_blocks',
+           'Model', 'REMAT_POLICIES', 'VisionTransformer', 'count_params',
+           'create_model', 'get_model_config', 'model_fields', 'option_types',
+           'options_from_json', 'options_to_json', 'stack_encoder_blocks',
            'unstack_encoder_blocks']

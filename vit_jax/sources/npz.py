@@ -45,13 +45,13 @@ def infer_options(flat: Mapping[str, np.ndarray], model_name: str,
                   source: str) -> dict[str, Any]:
   """Architecture fields that the (linen-named, unrolled) arrays' shapes give."""
   bit_file = layout.is_bit(flat)
-  if registry.architecture(model_name) == 'bit' or bit_file:
-    if not bit_file or registry.architecture(model_name) != 'bit':
-      raise ValueError(
-          f'{source} holds a {"BiT ResNet" if bit_file else "ViT"} but '
-          f'{model_name} is {"a ViT" if bit_file else "a BiT ResNet"}: pass '
-          f'the --model_name of its architecture, e.g. '
-          f'{"BiT-R50x1" if bit_file else "ViT-B_16"}.')
+  if bit_file != (registry.architecture(model_name) == 'bit'):
+    raise ValueError(
+        f'{source} holds a {"BiT ResNet" if bit_file else "ViT"} but '
+        f'{model_name} is {"a ViT" if bit_file else "a BiT ResNet"}: pass '
+        f'the --model_name of its architecture, e.g. '
+        f'{"BiT-R50x1" if bit_file else "ViT-B_16"}.')
+  if bit_file:
     return _bit_options(flat)
   missing = [k for k in _REQUIRED if k not in flat]
   if missing:
