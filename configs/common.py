@@ -67,6 +67,14 @@ def get_config() -> ml_collections.ConfigDict:
       name='cosine', warmup_steps=500, end_learning_rate=0.0))
   config.on_nonfinite = 'stop'  # or 'skip' (keep the previous state)
 
+  # What is optimised: 'classification' (the labels) or 'masked_patches'
+  # (self-supervised masked patch prediction, the paper's section 4.6; labels
+  # unused; options in vit_jax.training.masked_patches).
+  config.objective = 'classification'
+  config.masked_patches = ml_collections.ConfigDict(dict(
+      corrupt_rate=0.5, mask_rate=0.8, random_rate=0.1, target='color',
+      bits=3, color_grid=1))
+
   # Devices: mesh.data=-1 takes all devices not used by fsdp.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1,
                                                fsdp_min_size=2**14))

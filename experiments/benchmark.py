@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs import common  # noqa: E402
 from vit_jax import models  # noqa: E402
+from vit_jax.training import objectives  # noqa: E402
 from vit_jax.training import optim  # noqa: E402
 from vit_jax.training import state as train_state  # noqa: E402
 from vit_jax.training import steps  # noqa: E402
@@ -97,9 +98,9 @@ def build_case(args, model_name: str, mode: str, batch: int, res: int,
   total_steps = 10_000
   schedule = optim.create_schedule(config, total_steps)
   tx = optim.create_optimizer(config, schedule)
-  init = train_state.make_init_fn(model, tx, (res, res))
-  fn = jax.jit(steps.make_train_step(
-      model, tx, schedule, label_smoothing=config.label_smoothing),
+  objective = objectives.Classification(model, config.label_smoothing)
+  init = train_state.make_init_fn(objective, tx, (res, res))
+  fn = jax.jit(steps.make_train_step(objective, tx, schedule),
                donate_argnums=0)
   labels = jax.ShapeDtypeStruct((batch, 1000), jnp.float32)
   batch_of = lambda: {'image': jnp.zeros(images.shape),

@@ -131,10 +131,12 @@ def _pipeline_modules():
   return pipeline, data_sources
 
 
-def _pipeline_source(what: str):
-  """The model, if the training pipeline's preprocessing is the one it wants."""
+def _pipeline_source(what: str, classify: bool):
+  """The model (with a classifier head if `classify`), if the training
+  pipeline's preprocessing is the one it wants."""
   from vit_jax.serving import images  # pylint: disable=g-import-not-at-top
-  source = cli.load_model_source()
+  source = (cli.load_classifier_source() if classify
+            else cli.load_model_source())
   if source.preprocessing != images.Preprocessing(
       resize=source.preprocessing.resize):
     raise cli.UsageError(
@@ -155,9 +157,9 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   pipeline, data_sources = _pipeline_modules()
   from vit_jax.evaluation import classification  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
   name, _, split = spec[len(TFDS_PREFIX):].partition(':')
-  source = _pipeline_source(spec)
+  source = _pipeline_source(spec, classify=True)
   try:
     src = data_sources.open_source(name, _DATA_DIR.value, None)
     split = data_sources.check_split(src, name, split or src.preset.eval_split)
@@ -175,8 +177,8 @@ def evaluate_tfds(spec: str, batch_size: int) -> tuple[dict, list]:
   sys.stderr.write(f'{source.model_name} from {source.origin["path"]}: '
                    f'{name} {split}, {source.image_size[0]}x'
                    f'{source.image_size[1]} {source.preprocessing.describe()}\n')
-  totals = classification.run(jax.jit(steps.make_eval_step(source.model)),
-                              source.params, batches, len(batches))
+  eval_step = jax.jit(objectives.Classification(source.model).eval_sums)
+  totals = classification.run(eval_step, source.params, batches, len(batches))
   return totals, source.label_names or src.label_names
 
 
@@ -190,7 +192,7 @@ def evaluate_fewshot(datasets: list[str], batch_size: int) -> dict[str, float]:
   _pipeline_modules()
   from vit_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
   from vit_jax.training import fewshot  # pylint: disable=g-import-not-at-top
-  source = _pipeline_source(', '.join(datasets))
+  source = _pipeline_source(', '.join(datasets), classify=False)
   try:
     evaluator = fewshot.FewShotEvaluator(
         source.model, mesh.create_mesh(), datasets=datasets,

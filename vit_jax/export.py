@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
                          tuple(_PLATFORMS.value))
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
-  source = cli.load_model_source()
+  source = cli.load_classifier_source()
   name = _NAME.value or _default_name(source)
   try:
     card_path = export.write_export(

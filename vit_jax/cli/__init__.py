@@ -210,6 +210,17 @@ def load_model_source(**extra: Any):
     raise UsageError(_one_line(e)) from None
 
 
+def load_classifier_source():
+  """`load_model_source`, refusing a model without a classifier head."""
+  from vit_jax import sources  # pylint: disable=g-import-not-at-top
+  source = load_model_source()
+  try:
+    sources.check_classifier(source)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  return source
+
+
 def _one_line(error: Exception) -> str:
   if isinstance(error, FileNotFoundError) and error.filename:
     return f'{error.filename}: no such file or directory.'
@@ -242,5 +253,5 @@ def load_classifier():
     except (ValueError, OSError) as e:
       raise UsageError(_one_line(e)) from None
   from vit_jax import sources  # pylint: disable=g-import-not-at-top
-  return sources.classifier(load_model_source())
+  return sources.classifier(load_classifier_source())
 

@@ -4,7 +4,8 @@ Imports jax and Flax only: never TensorFlow, Orbax or optax.
 
     model = models.create_model('ViT-B_16', num_classes=10)
 
-`vit`: VisionTransformer and the scanned/unrolled block layouts; `layers`:
+`vit`: VisionTransformer and the scanned/unrolled block layouts; `masked`:
+its masked-patch-prediction wrapper (self-supervision); `layers`:
 attention, MLP, the encoder block; `resnet`: the ResNet of the hybrids'
 stem and of `bit`, the BiT ResNet-v2 baselines;
 `registry`: the variants by the names users know; `factory`: create_model

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import layers
+from vit_jax.models import masked
 from vit_jax.models import resnet
 from vit_jax.parallel import mesh as mesh_lib
 
@@ -178,6 +179,11 @@ class VisionTransformer(nn.Module):
   (`Transformer/encoder_norm`), as timm's average pooling; `activation`
   'gelu' (exact) for timm's and Hugging Face's weights instead of Google's
   'gelu_tanh'.
+
+  `patch_corruption=(kind, source)` (masked patch prediction,
+  `masked.MaskedPatchModel`) corrupts the patch embeddings before the
+  encoder (a `mask_token` parameter) and returns the encoded patch tokens
+  instead of the pooled head's output.
   """
   num_classes: int
   patch_size: tuple[int, int]
@@ -252,7 +258,9 @@ class VisionTransformer(nn.Module):
           f'{stride[1] * max(size[1] // stride[1], 1)}.')
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               patch_corruption: tuple[jax.Array, jax.Array] | None = None
+               ) -> jax.Array:
     self.check_input_shape(images.shape)
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
@@ -263,6 +271,10 @@ class VisionTransformer(nn.Module):
                 name='embedding')(x)
     batch, h, w, c = x.shape
     x = x.reshape(batch, h * w, c)
+    if patch_corruption is not None:
+      x = masked.corrupt_patches(x, *patch_corruption, self.param(
+          masked.MASK_TOKEN, nn.initializers.normal(stddev=0.02), (1, 1, c),
+          self.param_dtype))
     prefix = []
     if self.classifier in ('token', 'token_unpooled'):
       prefix.append(self.param('cls', nn.initializers.zeros, (1, 1, c),
@@ -285,6 +297,8 @@ class VisionTransformer(nn.Module):
         final_norm=not self.fc_norm, dtype=self.dtype,
         param_dtype=self.param_dtype, name='Transformer')(x, train=train)
     patches = x[:, self.num_prefix_tokens:]
+    if patch_corruption is not None:
+      return patches
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':

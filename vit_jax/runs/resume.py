@@ -30,7 +30,9 @@ FIXED = ('model_name', 'model.patch_size', 'model.hidden_size',
          'model.num_layers', 'model.num_heads', 'model.mlp_dim',
          'model.resnet_layers', 'model.resnet_width', 'model.classifier',
          'model.representation_size', 'model.scan_layers',
-         'model.param_dtype', 'dataset', 'image_size', 'optimizer.name')
+         'model.param_dtype', 'dataset', 'image_size', 'optimizer.name',
+         'objective', 'masked_patches.target', 'masked_patches.bits',
+         'masked_patches.color_grid')
 FREE = ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
         'eval_batch_size', 'eval_split', 'eval_resize', 'data_dir',
         'manual_dir', 'mesh.*', 'distributed.*', 'on_nonfinite',

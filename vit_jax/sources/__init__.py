@@ -27,6 +27,7 @@ from vit_jax.runs import paths
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images
 from vit_jax.sources.base import at_image_size
+from vit_jax.sources.base import check_classifier
 from vit_jax.sources.base import classifier
 from vit_jax.sources.base import exported_logits_fn
 from vit_jax.sources.base import logits_fn
@@ -38,8 +39,8 @@ from vit_jax.sources import pytorch
 from vit_jax.sources.workdir import from_workdir
 from vit_jax.sources.workdir import load_workdir
 
-__all__ = ['Source', 'at_image_size', 'classifier', 'exported_logits_fn', 'from_export',
-           'from_npz', 'from_workdir', 'kind_of', 'load', 'load_workdir',
+__all__ = ['Source', 'at_image_size', 'check_classifier', 'classifier',
+           'exported_logits_fn', 'from_export', 'from_npz', 'from_workdir', 'kind_of', 'load', 'load_workdir',
            'logits_fn', 'write_export']
 
 

@@ -122,8 +122,20 @@ def exported_logits_fn(model: models.VisionTransformer,
       arrays.unflatten(layout.to_linen_layout(flat)), pixels)
 
 
+def check_classifier(source: Source) -> None:
+  """ValueError unless `source` has a classifier head (a self-supervised
+  encoder has none)."""
+  if not source.model.num_classes:
+    raise ValueError(
+        f'{source.origin["path"]} has no classifier head (a '
+        f'{source.origin.get("objective", "feature")} model: its output is '
+        'features): fine-tune it first (--config.pretrained.path=...), or '
+        'evaluate its features with --fewshot.')
+
+
 def classifier(source: Source) -> serving_classifier.Classifier:
   """`source` run with the model code, as predict and evaluate call it."""
+  check_classifier(source)
   fn = jax.jit(logits_fn(source.model, source.preprocessing))
   params = jax.device_put(source.params)
   return serving_classifier.Classifier(

@@ -2,7 +2,10 @@
 
 The architecture comes from the checkpoint's meta (config, model name,
 classes, resolution, label names), the parameters from the arrays, read-only
-and as numpy (`runs.reader`): no dataset, no optimizer, no TensorFlow.
+and as numpy (`runs.reader`): no dataset, no optimizer, no TensorFlow. A
+self-supervised run (masked patch prediction) gives its encoder: a model
+without a head (num_classes=0, features), its prediction head and mask token
+dropped, ready to fine-tune or to evaluate few-shot.
 """
 import dataclasses
 import json
@@ -12,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from vit_jax import models
+from vit_jax.models import masked
 from vit_jax.runs import reader
 from vit_jax.serving import images
 from vit_jax.sources import base
@@ -45,14 +49,21 @@ def from_workdir(workdir: str | os.PathLike, step: int | None = None
                  ) -> base.Source:
   """The model of a training workdir (newest readable checkpoint, or `step`)."""
   trained = load_workdir(workdir, step)
+  objective = trained.config.get('objective', 'classification')
+  model = trained.model.clone(
+      **base.inference_options(trained.config.model_name))
+  params, label_names = trained.params, trained.label_names
+  if objective == 'masked_patches':
+    model, label_names = model.clone(num_classes=0), None
+    params = {k: v for k, v in params.items()
+              if k not in (masked.MASK_TOKEN, masked.HEAD)}
   return base.Source(
-      model=trained.model.clone(
-          **base.inference_options(trained.config.model_name)),
-      model_name=trained.config.model_name,
-      params=base.inference_params(trained.params),
-      image_size=trained.image_size, label_names=trained.label_names,
+      model=model, model_name=trained.config.model_name,
+      params=base.inference_params(params),
+      image_size=trained.image_size, label_names=label_names,
       preprocessing=images.Preprocessing(
           resize=trained.config.get('eval_resize', 'resize')),
       step=trained.step,
       origin={'kind': 'workdir', 'path': os.path.abspath(workdir),
-              'checkpoint': os.path.abspath(trained.path)})
+              'checkpoint': os.path.abspath(trained.path),
+              'objective': objective})

@@ -17,6 +17,7 @@ import ml_collections
 from vit_jax.base import errors
 from vit_jax import models
 from vit_jax.evaluation import fewshot
+from vit_jax.training import objectives
 from vit_jax.training import optim
 
 ON_NONFINITE = ('stop', 'skip')
@@ -113,6 +114,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   _number(config, 'label_smoothing', low=0, high=1, high_open=True)
   _number(config, 'grad_clip_norm', low=0, what='>= 0 (0 disables clipping)')
   _choice(config, 'on_nonfinite', ON_NONFINITE)
+  if 'objective' in config:  # configs written before self-supervision
+    _choice(config, 'objective', objectives.OBJECTIVES)
   _check_optimizer(config)
 
   _number(config, 'mesh.fsdp', low=1, integer=True)

@@ -24,13 +24,18 @@ from vit_jax import models
 
 
 def _source_weights(path: str | os.PathLike
-                    ) -> tuple[dict[str, Any], str, tuple[int, int] | None]:
-  """(params, kind, patch grid or None to infer) of the weights at `path`."""
+                    ) -> tuple[dict[str, Any], str, tuple[int, int] | None,
+                               str]:
+  """(params, kind, patch grid or None to infer, pretraining objective) of
+  the weights at `path`."""
   kind = sources.kind_of(path)
   if kind == 'npz':
-    return checkpoint.load_npz(path), kind, None
-  source = sources.load(path)  # workdir, export, timm, Hugging Face, Hub id
-  return source.params, kind, source.model.token_grid(source.image_size)
+    return checkpoint.load_npz(path), kind, None, 'classification'
+  # A workdir, export, timm, Hugging Face, Hub id; a self-supervised workdir
+  # gives its encoder (no prediction head, no mask token).
+  source = sources.load(path)
+  return (source.params, kind, source.model.token_grid(source.image_size),
+          source.origin.get('objective', 'classification'))
 
 
 def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
@@ -44,7 +49,7 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
   trainer writes to the workdir as adaptation.json, says which head, grid
   and pre-logits were adapted.
   """
-  weights, kind, old_grid = _source_weights(path)
+  weights, kind, old_grid, objective = _source_weights(path)
   new_grid = model.token_grid(image_size)
   params = checkpoint.load_pretrained(
       weights, fresh, model, new_grid=new_grid, old_grid=old_grid,
@@ -52,6 +57,8 @@ def pretrained_params(path: str | os.PathLike, fresh: dict[str, Any],
   classes = lambda p: p['head']['kernel'].shape[-1] if 'head' in p else 0
   record = {
       'source_kind': kind, 'path': os.fspath(path),
+      # masked_patches: the prediction head and mask token were dropped.
+      'pretraining_objective': objective,
       'head': {'classes': [classes(weights), classes(params)],
                're_initialised': True},
   }

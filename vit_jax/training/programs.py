@@ -18,7 +18,7 @@ from vit_jax.training import steps
 
 
 def init_fn(setup: setup_lib.Setup) -> Callable[..., state_lib.State]:
-  return state_lib.make_init_fn(setup.model, setup.tx, setup.image_size)
+  return state_lib.make_init_fn(setup.objective, setup.tx, setup.image_size)
 
 
 def abstract_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any]:
@@ -33,8 +33,7 @@ def train_step(setup: setup_lib.Setup, shardings: Any):
   config = setup.config
   return jax.jit(
       mesh_lib.on_mesh(steps.make_train_step(
-          setup.model, setup.tx, setup.schedule,
-          label_smoothing=config.label_smoothing,
+          setup.objective, setup.tx, setup.schedule,
           accum_steps=config.accum_steps,
           skip_nonfinite=config.on_nonfinite == 'skip'), setup.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(setup.mesh)),
@@ -43,9 +42,8 @@ def train_step(setup: setup_lib.Setup, shardings: Any):
 
 
 def eval_step(setup: setup_lib.Setup):
-  """The jitted eval step: (params, batch) -> classification sums."""
-  return jax.jit(mesh_lib.on_mesh(steps.make_eval_step(setup.model),
-                                  setup.mesh))
+  """The jitted eval step: (params, batch) -> the objective's sums."""
+  return jax.jit(mesh_lib.on_mesh(setup.objective.eval_sums, setup.mesh))
 
 
 def infer(setup: setup_lib.Setup):

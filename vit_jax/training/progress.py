@@ -113,6 +113,11 @@ def result_line(result: dict[str, Any]) -> str:
     parts.append(f'top-5 {100 * result["eval_top5_accuracy"]:.2f} %')
   if result.get('eval_loss') is not None:
     parts.append(f'eval loss {result["eval_loss"]:.4f}')
+  if result.get('eval_masked_patch_loss') is not None:
+    parts.append(f'masked patch loss {result["eval_masked_patch_loss"]:.4f}')
+  if result.get('eval_masked_patch_accuracy') is not None:
+    parts.append('masked patch accuracy '
+                 f'{100 * result["eval_masked_patch_accuracy"]:.2f} %')
   if result.get('eval_num_examples') is not None:
     parts.append(f'on {result["eval_num_examples"]:,} examples')
   if result.get('train_loss') is not None:

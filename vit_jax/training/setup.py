@@ -21,6 +21,7 @@ from vit_jax.data import presets
 from vit_jax.parallel import mesh as mesh_lib
 from vit_jax.serving import images
 from vit_jax.training import config as config_lib
+from vit_jax.training import objectives
 from vit_jax.training import optim
 
 
@@ -51,6 +52,7 @@ class Setup:
   total_steps: int
   schedule: Callable[[jax.Array], jax.Array]
   tx: optax.GradientTransformation
+  objective: objectives.Objective
 
 
 def _opened_dataset(config: ml_collections.ConfigDict
@@ -91,6 +93,7 @@ def create_setup(config: ml_collections.ConfigDict,
   model = models.create_model(config.model_name, info.num_classes,
                               **models.options_from_json(config.model.to_dict()))
   model.check_input_shape((1, *image_size, 3))
+  objective = objectives.create(config, model, image_size)
   total_steps = config.total_steps or info.default_steps
   config_lib.check_steps(config, total_steps)
   config_lib.check_batch_sizes(config, len(devices),
@@ -98,7 +101,7 @@ def create_setup(config: ml_collections.ConfigDict,
   mesh = mesh_lib.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
   schedule = optim.create_schedule(config, total_steps)
   return Setup(config, mesh, model, info, image_size, eval_split, total_steps,
-               schedule, optim.create_optimizer(config, schedule))
+               schedule, optim.create_optimizer(config, schedule), objective)
 
 
 def resolved_config(setup: Setup) -> dict[str, Any]:

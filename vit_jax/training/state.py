@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import models
 from vit_jax.parallel import mesh as mesh_lib
+from vit_jax.training import objectives
 
 State = dict[str, Any]  # step, params, opt_state, rng (raw key data)
 
 
-def make_init_fn(model: models.VisionTransformer,
+def make_init_fn(objective: objectives.Objective,
                  tx: optax.GradientTransformation,
                  image_size: tuple[int, int]
                  ) -> Callable[..., State]:
@@ -28,7 +28,7 @@ def make_init_fn(model: models.VisionTransformer,
   def init(rng: jax.Array, params=None) -> State:
     params_rng, state_rng = jax.random.split(rng)
     if params is None:
-      params = model.init({'params': params_rng}, dummy)['params']
+      params = objective.init(params_rng, dummy)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': tx.init(params),
             'rng': jax.random.key_data(state_rng)}

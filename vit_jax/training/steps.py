@@ -1,39 +1,36 @@
-"""The jitted step functions: training (with micro-batches) and evaluation."""
+"""The train step of any objective (`objectives`: classification, masked
+patch prediction), with micro-batches; the eval step is the objective's
+`eval_sums`."""
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax.evaluation import classification
-from vit_jax import models
+from vit_jax.training import objectives
 from vit_jax.training import state as state_lib
 
 
-def make_train_step(model: models.VisionTransformer,
+def make_train_step(objective: objectives.Objective,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], *,
-                    label_smoothing: float = 0.0, accum_steps: int = 1,
-                    skip_nonfinite: bool = False):
+                    accum_steps: int = 1, skip_nonfinite: bool = False):
   """(state, batch) -> (state, metrics); gradients averaged over micro-batches.
 
-  With `skip_nonfinite` a step whose loss, gradients or update is not finite
+  The step's key (the state's, folded with the step) draws the objective's
+  per-example randomness for the whole batch, then dropout's. With
+  `skip_nonfinite` a step whose loss, gradients or update is not finite
   keeps the previous parameters and optimizer state (only the step advances).
   """
 
-  def loss_fn(params, images, labels, rng):
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': rng})
-    return jnp.mean(classification.cross_entropy(logits, labels,
-                                                 label_smoothing))
-
   def train_step(state: state_lib.State, batch: dict[str, jax.Array]):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
-                             state['step'])
-    grad_fn = jax.value_and_grad(loss_fn)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
+                                  state['step'])
+    prepare_key, rng = jax.random.split(step_key)
+    batch = objective.prepare(batch, prepare_key)
+    grad_fn = jax.value_and_grad(objective.loss)
     if accum_steps == 1:
-      loss, grads = grad_fn(state['params'], batch['image'], batch['label'], rng)
+      loss, grads = grad_fn(state['params'], batch, rng)
     else:
       # Micro-batch i takes examples i, i+accum, ...: each device keeps its
       # own examples, so splitting needs no communication.
@@ -43,8 +40,7 @@ def make_train_step(model: models.VisionTransformer,
 
       def accumulate(carry, xs):
         i, mb = xs
-        loss, grads = grad_fn(state['params'], mb['image'], mb['label'],
-                              jax.random.fold_in(rng, i))
+        loss, grads = grad_fn(state['params'], mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
       zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state['params']))
@@ -70,13 +66,3 @@ def make_train_step(model: models.VisionTransformer,
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model: models.VisionTransformer):
-  """(params, batch) -> `classification.batch_sums` of the model's logits."""
-
-  def eval_step(params: Any, batch: dict[str, jax.Array]):
-    logits = model.apply({'params': params}, batch['image'], train=False)
-    return classification.batch_sums(logits, batch['label'], batch['mask'])
-
-  return eval_step

@@ -16,7 +16,6 @@ from absl import logging
 import jax
 import ml_collections
 
-from vit_jax import models
 from vit_jax.base import files
 from vit_jax.data import pipeline
 from vit_jax.evaluation import classification
@@ -60,7 +59,8 @@ def create_train_state(setup: setup_lib.Setup) -> tuple[state_lib.State, Any,
 
 
 def evaluate(setup: setup_lib.Setup, eval_step, params) -> dict[str, Any]:
-  """Top-1/top-5 accuracy, loss, per class, over every eval example once."""
+  """The objective's metrics over every eval example once (classification:
+  top-1/top-5 accuracy, loss, per class)."""
   config = setup.config
   batches = pipeline.eval_iterator(
       config.dataset, split=setup.eval_split,
@@ -68,7 +68,7 @@ def evaluate(setup: setup_lib.Setup, eval_step, params) -> dict[str, Any]:
       global_batch_size=config.eval_batch_size, image_size=setup.image_size,
       sharding=mesh_lib.batch_sharding(setup.mesh), resize=config.eval_resize)
   totals = classification.run(eval_step, params, batches, len(batches))
-  return classification.summarize(totals, setup.info.label_names)
+  return setup.objective.summarize(totals, setup.info.label_names)
 
 
 def checkpoint_meta(setup: setup_lib.Setup, examples_seen: int,
@@ -180,12 +180,16 @@ def _log_start(setup: setup_lib.Setup, workdir: pathlib.Path) -> None:
   logging.info('Config (also in %s):\n%s', workdir / paths.CONFIG,
                setup.config)
   mesh = ' x '.join(f'{name} {size}' for name, size in setup.mesh.shape.items())
+  params = jax.eval_shape(programs.init_fn(setup),
+                          jax.random.key(0))['params']
+  objective = setup.config.get('objective', 'classification')
   logging.info(
-      '%s (%s params) on %s, %dx%d px, %d classes; %d steps of batch %d; '
-      'mesh %s over %d %s device(s) in %d process(es).',
+      '%s (%s params) on %s, %dx%d px, %d classes, objective %s; %d steps of '
+      'batch %d; mesh %s over %d %s device(s) in %d process(es).',
       setup.config.model_name,
-      f'{models.count_params(setup.model, setup.image_size):,}',
+      f'{sum(x.size for x in jax.tree.leaves(params)):,}',
       setup.config.dataset, *setup.image_size, setup.info.num_classes,
+      objective,
       setup.total_steps, setup.config.batch_size, mesh, jax.device_count(),
       jax.default_backend(), jax.process_count())
 
@@ -237,7 +241,7 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
   def evaluate_all(params, classify: bool, linear: bool) -> dict[str, Any]:
     metrics = {}
     if classify:
-      metrics.update(classification.scalars(
+      metrics.update(setup.objective.scalars(
           evaluate(setup, eval_step, params)))
     if linear:
       metrics.update(fewshot(params))
@@ -306,7 +310,7 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
   ckpt.wait_until_finished()
   done = (progress.eval_history[-1][1] if progress.eval_history and
           progress.eval_history[-1][0] == step else {})  # evaluated here
-  missing_eval = 'accuracy' not in done
+  missing_eval = setup.objective.headline not in done
   missing_fewshot = fewshot is not None and not any(
       k.startswith('fewshot_') for k in done)
   if missing_eval or missing_fewshot:
