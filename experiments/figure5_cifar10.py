@@ -39,7 +39,9 @@ RUNS = [
     ('BiT-R14x1', 'ResNet', _BIT, {'model.resnet_layers': (1, 1, 1, 1)}),
     ('BiT-R26x1', 'ResNet', _BIT, {'model.resnet_layers': (2, 2, 2, 2)}),
 ]
-COMMON = {'total_steps': STEPS, 'eval_batch_size': 400,
+# The recipe of these runs (crop_min_area 0.05: the configs' CIFAR-10 recipe
+# on 2026-12-04, before cifar10_quick moved to 0.6).
+COMMON = {'total_steps': STEPS, 'eval_batch_size': 400, 'crop_min_area': 0.05,
           'fewshot.datasets': 'cifar10', 'fewshot.shots': '10'}
 FEWSHOT = 'eval_fewshot_cifar10_10shot'
 
