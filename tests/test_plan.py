@@ -102,6 +102,20 @@ def test_flops_equal_the_analytic_count(scan):
 
 
 @needs_libtpu
+def test_a_masked_patch_prediction_plan_compiles_its_own_step():
+  from vit_jax.planning import plan  # pylint: disable=g-import-not-at-top
+  supervised = plan.make_plan(tiny(), 'v3:2x2')
+  masked = plan.make_plan(tiny(objective='masked_patches',
+                               label_smoothing=0.0), 'v3:2x2')
+  # The per-patch head (64 patches x width 128 -> 512 colours) replaces the
+  # 10-class head: about 3 x 2 x 64 x 128 x 512 more FLOPs per image.
+  extra = 3 * 2 * 64 * 128 * (512 - 10 / 64) * masked['per_device_batch']
+  assert masked['flops_per_device'] - supervised['flops_per_device'] == (
+      pytest.approx(extra, rel=0.1))
+  assert masked['fits']
+
+
+@needs_libtpu
 def test_the_verdict_flips_and_a_change_that_fits_is_compiled():
   from vit_jax.planning import plan  # pylint: disable=g-import-not-at-top
   small = plan.make_plan(tiny(image_size=128, batch_size=64), 'v3:2x2')
