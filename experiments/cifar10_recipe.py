@@ -11,7 +11,7 @@ and experiments/README.md quote the results. Finished runs are reused.
 import argparse
 import pathlib
 
-from experiment_runs import machine_line
+from experiment_runs import print_table
 from experiment_runs import run
 
 _CONFIGS = {'quick': 'configs/pretrain.py:cifar10_quick',
@@ -56,10 +56,8 @@ def main() -> None:
     metrics = run(name.replace('/', '_'), config, flags.out.resolve(),
                   flags.smoke, **VARIANTS[name])
     rows.append(row(name, metrics))
-  print(f'\n{machine_line()}\n')
-  print('| variant | overrides | test top-1 % | steps | minutes |')
-  print('|---|---|---|---|---|')
-  print('\n'.join(rows))
+  print_table(['variant', 'overrides', 'test top-1 %', 'steps', 'minutes'],
+              rows)
 
 
 if __name__ == '__main__':

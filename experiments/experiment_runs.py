@@ -46,3 +46,12 @@ def run(name: str, config: str, out: pathlib.Path, smoke: bool,
 def machine_line() -> str:
   return (f'Machine: {platform.processor() or platform.machine()}, '
           f'{os.cpu_count()} cores; {time.strftime("%Y-%m-%d")}')
+
+
+def print_table(columns: list[str], rows: list[str], note: str = '') -> None:
+  """The machine and date (+ `note`), then a markdown table of `rows` under
+  `columns`: what a script prints for experiments/README.md."""
+  print(f'\n{machine_line()}{note}\n')
+  print('| ' + ' | '.join(columns) + ' |')
+  print('|' + '---|' * len(columns))
+  print('\n'.join(rows))

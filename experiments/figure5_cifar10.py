@@ -20,7 +20,7 @@ import pathlib
 import sys
 
 from experiment_runs import REPO
-from experiment_runs import machine_line
+from experiment_runs import print_table
 from experiment_runs import run
 
 STEPS = 600
@@ -123,15 +123,12 @@ def main() -> None:
         'command': metrics['command']})
   (out / 'figure5.json').write_text(json.dumps(results, indent=1) + '\n')
   plot(results, out / 'figure5.png')
-  print(f'\n{machine_line()}; plot: {out / "figure5.png"}\n')
-  print('| model | family | params | train TFLOPs | test top-1 % | 10-shot % | minutes '
-        '| command |')
-  print('|---|---|---|---|---|---|---|---|')
-  for r in results:
-    print(f'| {r["label"]} | {r["family"]} | {r["params"]:,} | '
-          f'{r["compute_tflops"]:.2f} | '
-          f'{r["top1"]:.1f} | {r["fewshot10"]:.1f} | {r["minutes"]:.1f} | '
-          f'`{r["command"]}` |')
+  print_table(['model', 'family', 'params', 'train TFLOPs', 'test top-1 %',
+               '10-shot %', 'minutes', 'command'],
+              [f'| {r["label"]} | {r["family"]} | {r["params"]:,} | '
+               f'{r["compute_tflops"]:.2f} | {r["top1"]:.1f} | '
+               f'{r["fewshot10"]:.1f} | {r["minutes"]:.1f} | `{r["command"]}` |'
+               for r in results], note=f'; plot: {out / "figure5.png"}')
 
 
 if __name__ == '__main__':

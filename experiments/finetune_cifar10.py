@@ -16,7 +16,7 @@ to a few steps to check the script itself.
 import argparse
 import pathlib
 
-from experiment_runs import machine_line
+from experiment_runs import print_table
 from experiment_runs import run
 
 FINETUNE = 'configs/finetune.py:cifar10,pretrain:cifar10'
@@ -63,10 +63,7 @@ def main() -> None:
     rows.append(row('48px, linear probe (all but the head frozen)',
                     finetune('ft48_probe', out, smoke, 48,
                              **{'optimizer.freeze': '^(?!head/)'})))
-  print(f'\n{machine_line()}\n')
-  print('| run | test top-1 % | steps | minutes | command |')
-  print('|---|---|---|---|---|')
-  print('\n'.join(rows))
+  print_table(['run', 'test top-1 %', 'steps', 'minutes', 'command'], rows)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ of experiments/README.md.
 import argparse
 import pathlib
 
-from experiment_runs import machine_line
+from experiment_runs import print_table
 from experiment_runs import run
 
 FEWSHOT = {'fewshot.datasets': 'cifar10', 'fewshot.shots': '10,25'}
@@ -50,13 +50,11 @@ def main() -> None:
                  **{'pretrained.path': str(out / 'mpp')})
   scratch = run('scratch', 'configs/pretrain.py:cifar10_quick', out, smoke,
                 total_steps=2 * steps, **FEWSHOT)
-  print(f'\n{machine_line()}\n')
-  print('| run | steps | test top-1 % | 10-shot % | 25-shot % | masked patch '
-        'loss / accuracy | minutes | command |')
-  print('|---|---|---|---|---|---|---|---|')
-  print(row('masked patch prediction (self-supervised)', mpp))
-  print(row('  then fine-tuned (supervised)', finetune))
-  print(row('from scratch (supervised), same total steps', scratch))
+  print_table(['run', 'steps', 'test top-1 %', '10-shot %', '25-shot %',
+               'masked patch loss / accuracy', 'minutes', 'command'],
+              [row('masked patch prediction (self-supervised)', mpp),
+               row('  then fine-tuned (supervised)', finetune),
+               row('from scratch (supervised), same total steps', scratch)])
 
 
 if __name__ == '__main__':
