@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import matmul
+
 Dtype = Any
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -35,7 +37,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+        matmul.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = nn.gelu(dense(self.mlp_dim, name='Dense_0')(x),
@@ -82,7 +84,7 @@ class MultiHeadDotProductAttention(nn.Module):
     features = x.shape[-1]
     head_dim = features // self.num_heads
     dense = functools.partial(
-        nn.DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+        matmul.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.xavier_uniform())
     q = dense((self.num_heads, head_dim), name='query')(x)
     k, v = (dense((self.num_heads, head_dim), name=n)(keys)
@@ -95,11 +97,11 @@ class MultiHeadDotProductAttention(nn.Module):
       # (BENCHMARKS.md). The same function either way.
       q = q / jnp.sqrt(head_dim).astype(self.dtype)
       q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [b, h, tokens, d]
-      logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+      logits = matmul.einsum('bhqd,bhkd->bhqk', q, k)
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
       self.sow('intermediates', 'attention_weights', weights)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
-      y = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
+      y = jnp.swapaxes(matmul.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
     return dense(features, axis=(-2, -1), name='out')(y)
 
 
@@ -194,9 +196,9 @@ class Encoder1DBlock(nn.Module):
 
 
 def classifier_head(num_classes: int, bias_init: float, dtype: Dtype,
-                    param_dtype: Dtype) -> nn.Dense:
+                    param_dtype: Dtype) -> matmul.Dense:
   """The zero-initialised `head` (Google's name) of every model: a new task
   starts from uniform predictions."""
-  return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype,
-                  name='head', kernel_init=nn.initializers.zeros,
-                  bias_init=nn.initializers.constant(bias_init))
+  return matmul.Dense(num_classes, dtype=dtype, param_dtype=param_dtype,
+                      name='head', kernel_init=nn.initializers.zeros,
+                      bias_init=nn.initializers.constant(bias_init))

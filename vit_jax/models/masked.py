@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import matmul
+
 KEEP, MASK, RANDOM, UNCHANGED = 0, 1, 2, 3
 MASK_TOKEN = 'mask_token'
 HEAD = 'masked_patch_head'
@@ -43,9 +45,9 @@ class MaskedPatchModel(nn.Module):
   def setup(self):
     # The ViT's parameters at the top level, named as in a supervised run.
     nn.share_scope(self, self.encoder)
-    self.head = nn.Dense(self.outputs, dtype=self.encoder.dtype,
-                         param_dtype=self.encoder.param_dtype,
-                         kernel_init=nn.initializers.zeros, name=HEAD)
+    self.head = matmul.Dense(self.outputs, dtype=self.encoder.dtype,
+                             param_dtype=self.encoder.param_dtype,
+                             kernel_init=nn.initializers.zeros, name=HEAD)
 
   def __call__(self, images: jax.Array, kind: jax.Array, source: jax.Array,
                *, train: bool = False) -> jax.Array:

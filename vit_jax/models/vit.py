@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers
 from vit_jax.models import masked
+from vit_jax.models import matmul
 from vit_jax.models import resnet
 from vit_jax.parallel import mesh as mesh_lib
 
@@ -310,8 +311,9 @@ class VisionTransformer(nn.Module):
       x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='fc_norm')(x)
     if self.representation_size is not None:
-      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name='pre_logits')(x))
+      x = jnp.tanh(matmul.Dense(self.representation_size, dtype=self.dtype,
+                                param_dtype=self.param_dtype,
+                                name='pre_logits')(x))
     if self.num_classes:
       x = layers.classifier_head(self.num_classes, self.head_bias_init,
                                  self.dtype, self.param_dtype)(x)
