@@ -20,9 +20,17 @@ over rounds, and the kernel time per step (on CPU mostly page faults of the
 step's fresh temporaries; see BENCHMARKS.md for the allocator). --compile_only
 stops after compiling (no parameters are allocated), which is how ViT-H/14's
 memory is read on a CPU.
+
+    python experiments/benchmark.py --against=timm --dtype=float32,bfloat16
+
+also builds each case's model in timm (experiments/benchmark_timm.py, in a
+worker process) and times its step right after ours in every round, on the
+same cores: `speedup` = timm's step time / ours, the median of per-round
+ratios.
 """
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -40,8 +48,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import benchmark_timm  # noqa: E402
+
 from configs import common  # noqa: E402
 from vit_jax import models  # noqa: E402
+from vit_jax.cli import host_memory as cli_host_memory  # noqa: E402
+from vit_jax.models import matmul as matmul_lib  # noqa: E402
 from vit_jax.training import objectives  # noqa: E402
 from vit_jax.training import optim  # noqa: E402
 from vit_jax.training import state as train_state  # noqa: E402
@@ -52,7 +64,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PEAK_SIZES = {'cpu': 2048, 'gpu': 8192, 'tpu': 8192}
 COLUMNS = ('model_name', 'mode', 'batch', 'res', 'dtype', 'remat', 'attn',
            'img_per_s', 'step_ms', 'sys_ms_per_step', 'compile_s', 'mem_gib',
-           'gflop', 'tflop_per_s', 'peak_tflop_per_s', 'mfu', 'xla')
+           'gflop', 'tflop_per_s', 'peak_tflop_per_s', 'mfu', 'xla',
+           'against_ms', 'speedup')
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -63,9 +76,10 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def matmul_peak(size: int, dtype) -> Callable[[], float]:
-  """A () -> FLOP/s probe: one size^3 matmul, best of 5 (a peak, not a mean)."""
+  """A () -> FLOP/s probe: one size^3 matmul, best of 5 (a peak, not a mean),
+  written as the model writes its products (float32 accumulation)."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(functools.partial(matmul_lib.einsum, 'ij,jk->ik'))
   jax.block_until_ready(matmul(a, a))
   return lambda: 2 * size**3 / min(timed(lambda: matmul(a, a))
                                    for _ in range(5))
@@ -80,12 +94,18 @@ def trainer_config(args: argparse.Namespace, model_name: str, batch: int):
   return config
 
 
+def case_model(model_name: str, dtype: str, remat: str, attn: str,
+               scan_layers: bool, **unused):
+  del unused
+  return models.create_model(
+      model_name, 1000, dtype=DTYPES[dtype], remat_policy=remat,
+      attention_impl=attn, scan_layers=scan_layers)
+
+
 def build_case(args, model_name: str, mode: str, batch: int, res: int,
                dtype: str, remat: str, attn: str, scan_layers: bool):
   """(jitted fn, abstract args, concrete-args factory, feed) for one case."""
-  model = models.create_model(
-      model_name, 1000, dtype=DTYPES[dtype], remat_policy=remat,
-      attention_impl=attn, scan_layers=scan_layers)
+  model = case_model(model_name, dtype, remat, attn, scan_layers)
   images = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32)
   if mode == 'infer':
     init = lambda: {'params': model.init(jax.random.key(0), jnp.zeros(
@@ -137,7 +157,8 @@ def compiler_options(spec: str) -> dict[str, Any]:
   return options
 
 
-def run_case(args, peak_probe, xla: str, **case) -> dict[str, Any]:
+def run_case(args, peak_probe, against: benchmark_timm.Worker | None,
+             xla: str, **case) -> dict[str, Any]:
   fn, abstract, make, feed = build_case(args, **case)
   start = time.perf_counter()
   lowered = fn.lower(*abstract)
@@ -158,7 +179,12 @@ def run_case(args, peak_probe, xla: str, **case) -> dict[str, Any]:
   if args.compile_only:
     return row
   inputs = make()
-  steps, peaks, faults, sys_s = [], [], [], []
+  if against:
+    against.build(benchmark_timm.case_spec(
+        case_model(**case), case['mode'], case['batch'], case['res'],
+        case['dtype'], trainer_config(args, case['model_name'],
+                                      case['batch'])))
+  steps, peaks, faults, sys_s, against_s = [], [], [], [], []
   for i in range(args.warmup + args.rounds):
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -175,6 +201,12 @@ def run_case(args, peak_probe, xla: str, **case) -> dict[str, Any]:
       faults.append(after.ru_minflt - usage.ru_minflt)
       sys_s.append(after.ru_stime - usage.ru_stime)
       peaks.append(peak_probe())
+    if against:
+      # Interleaved: each round times timm right after our step, so both
+      # see the same machine.
+      seconds = against.step()
+      if i >= args.warmup:
+        against_s.append(seconds)
   if args.profile:
     # One more step, traced: per-thunk times on the host timeline (open the
     # perfetto_trace.json.gz in ui.perfetto.dev or TensorBoard's profiler).
@@ -193,6 +225,13 @@ def run_case(args, peak_probe, xla: str, **case) -> dict[str, Any]:
              sys_ms_per_step=1e3 * statistics.median(sys_s),
              img_per_s=case['batch'] / step,
              peak_tflop_per_s=statistics.median(peaks) / 1e12)
+  if against_s:
+    # > 1: our step is faster. The median of per-round ratios, so a slow
+    # round hits both sides.
+    row.update(against_ms=1e3 * statistics.median(against_s),
+               against_ms_all=[1e3 * s for s in against_s],
+               speedup=statistics.median(a / s for a, s in
+                                         zip(against_s, steps)))
   if flops:
     row.update(tflop_per_s=flops / step / 1e12,
                mfu=statistics.median(flops / s / p
@@ -248,6 +287,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--peak_size', type=int, default=0,
                       help='matmul size for the peak; 0: per backend')
+  parser.add_argument('--against', default='', choices=('', 'timm'),
+                      help='also time timm\'s model of each case, '
+                      'interleaved round by round (needs the [parity] '
+                      'extra): columns against_ms and speedup = '
+                      'against_ms / step_ms')
   parser.add_argument('--json', default='', help='append JSON lines here')
   parser.add_argument('--profile', default='',
                       help='write a profiler trace of one step per case here')
@@ -255,17 +299,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   for mode in args.mode:
     if mode not in ('train', 'infer'):
       parser.error(f'--mode={mode!r}: use train and/or infer')
+  if args.against:
+    missing = benchmark_timm.available()
+    if missing:
+      parser.error(missing)
+    if args.compile_only:
+      parser.error('--against times steps: drop --compile_only')
   return args
 
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
+  # As the library's programs run (vit_jax.cli.run); GLIBC_TUNABLES= (set,
+  # empty) measures glibc's defaults.
+  host_memory = cli_host_memory.keep_freed_memory()
   env = environment(argv)
+  env['host_memory'] = host_memory
+  against = None
+  if args.against:
+    against = benchmark_timm.Worker()
+    env.update(against.versions)
+    print(f"# against timm {env['timm']}, torch {env['torch']} "
+          f"({env['torch_threads']} threads)")
   print(f"# {env['date']} {env['backend']} ({env['device']} x"
         f"{env['device_count']}, {env['cpu_count']} CPUs, load "
         f"{env['load_avg'][0]:.2f}) jax {env['jax']} "
         f"XLA_FLAGS='{env['xla_flags']}' "
-        f"GLIBC_TUNABLES='{env['glibc_tunables']}'")
+        f"GLIBC_TUNABLES='{env['glibc_tunables']}' host memory: "
+        f"{env['host_memory']}")
   print(' | '.join(COLUMNS))
   peak_probes = {}
   cases = itertools.product(args.models, args.mode, args.batch,
@@ -275,7 +336,8 @@ def main(argv: list[str]) -> None:
     if not args.compile_only and dtype not in peak_probes:
       size = args.peak_size or PEAK_SIZES.get(env['backend'], 2048)
       peak_probes[dtype] = matmul_peak(size, DTYPES[dtype])
-    row = run_case(args, peak_probes.get(dtype), model_name=model_name,
+    row = run_case(args, peak_probes.get(dtype), against,
+                   model_name=model_name,
                    mode=mode, batch=batch, res=res, dtype=dtype, remat=remat,
                    attn=attn, scan_layers=args.scan_layers, xla=xla)
     row.update(optimizer=args.optimizer,
@@ -284,6 +346,8 @@ def main(argv: list[str]) -> None:
     if args.json:
       with open(args.json, 'a') as f:
         f.write(json.dumps(row) + '\n')
+  if against:
+    against.close()
 
 
 if __name__ == '__main__':

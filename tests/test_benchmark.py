@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -75,3 +77,40 @@ def test_matmul_chain_runs_exactly_the_step_matmuls(capsys):
   assert [l.split(' | ')[:2] for l in lines[1:]] == [
       ['ViT-Ti_16', 'dense'], ['ViT-Ti_16', 'dense+attention'],
       ['ViT-Ti_16', 'train step']]
+
+
+def test_against_timm_times_both_sides_round_by_round(tmp_path):
+  import importlib.util
+  for name in ('torch', 'timm'):
+    if importlib.util.find_spec(name) is None:
+      pytest.skip(f'{name} is not installed (the [parity] extra)')
+  out = tmp_path / 'results.jsonl'
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--models=ViT-Ti_16',
+       '--batch=2', '--resolution=32', '--mode=train,infer',
+       '--dtype=float32,bfloat16', '--rounds=2', '--peak_size=256',
+       '--against=timm', f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  rows = list(map(json.loads, out.read_text().splitlines()))
+  assert {(r['mode'], r['dtype']) for r in rows} == {
+      (m, d) for m in ('train', 'infer') for d in ('float32', 'bfloat16')}
+  for row in rows:
+    assert row['timm'] and row['torch'] and row['torch_threads'] >= 1
+    assert len(row['against_ms_all']) == len(row['step_ms_all']) == 2
+    ratios = sorted(a / s for a, s in zip(row['against_ms_all'],
+                                           row['step_ms_all']))
+    assert math.isclose(row['speedup'], sum(ratios) / 2, rel_tol=1e-6)
+
+
+def test_against_timm_without_torch_is_one_usage_error(monkeypatch, capsys):
+  sys.path.insert(0, str(REPO / 'experiments'))
+  import benchmark
+  import benchmark_timm
+  monkeypatch.setattr(benchmark_timm.importlib.util, 'find_spec',
+                      lambda name: None)
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.parse_args(['benchmark', '--against=timm'])
+  assert exit_info.value.code == 2
+  assert ('--against=timm needs torch and timm: pip install -e ".[parity]"'
+          in capsys.readouterr().err)

@@ -27,6 +27,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vit_jax.cli import host_memory
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -107,6 +109,7 @@ def run(main: Callable[[list[str]], Any],
   """Runs a program's `main(argv)`: flags parsed (errors exit 2), quiet logs,
   a UsageError raised by `main` reported as one line with exit status 2."""
   quiet_environment()
+  host_memory.keep_freed_memory()
   program = sys.modules[main.__module__]
   if sys.modules['__main__'] is not program:
     # A console script (vit-train, ...): absl's --help shows the docstring
