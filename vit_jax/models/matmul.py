@@ -198,11 +198,12 @@ class Dense(nn.Module):
                         inputs_shape + features, self.param_dtype)
     bias = self.param('bias', flat(self.bias_init), features,
                       self.param_dtype)
-    free = ''.join(string.ascii_letters[i] for i in range(x.ndim))
-    contracted = ''.join(free[a] for a in axis)
-    kept = ''.join(c for c in free if c not in contracted)
+    # A matrix product by construction: x's axes, the contracted ones shared
+    # with the kernel, the kernel's feature axes new.
+    inputs = string.ascii_letters[:x.ndim]
+    contracted = ''.join(inputs[a] for a in axis)
+    kept = ''.join(c for c in inputs if c not in contracted)
     out = string.ascii_letters[x.ndim:x.ndim + len(features)]
-    spec = f'{free},{contracted}{out}->{kept}{out}'
-    _check_spec(spec)
+    spec = f'{inputs},{contracted}{out}->{kept}{out}'
     y = _product(spec, x.astype(self.dtype), kernel.astype(self.dtype), None)
     return (y + bias.astype(jnp.float32)).astype(self.dtype)
