@@ -227,6 +227,7 @@ def _main_fewshot(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
   cli.require('model')
+  cli.output_folder()
   if _FEWSHOT.value:
     return _main_fewshot(argv)
   for flag in ('shots', 'train_split', 'test_split', 'seed'):

@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   cli.require('model', 'output')
+  from vit_jax.runs import lock  # pylint: disable=g-import-not-at-top
   from vit_jax.sources import export  # pylint: disable=g-import-not-at-top
   try:
     export.check_request(_NAME.value or 'name', tuple(_FORMATS.value),
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
     card_path = export.write_export(
         source, _output(), name, formats=tuple(_FORMATS.value),
         bfloat16=_BFLOAT16.value, platforms=tuple(_PLATFORMS.value))
-  except ValueError as e:  # the output folder, the name
+  except (ValueError, lock.WorkdirBusyError) as e:  # the folder, the name
     raise cli.UsageError(str(e)) from None
   except OSError as e:  # a full disk, permissions: nothing was replaced
     cli.fail(f'cannot write the export {_output()}: '

@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax import cli
+from vit_jax.base import files
 
 cli.define_model_flags()
 cli.define_image_size_flag()
@@ -45,6 +46,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per forward pass '
 
 def main(argv: list[str]) -> None:
   cli.require('model', 'output')
+  out = cli.output_folder()
   # Imported after the flags parse: the model code and matplotlib are slow.
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluation import figures  # pylint: disable=g-import-not-at-top
@@ -84,7 +86,6 @@ def main(argv: list[str]) -> None:
 
   arrays = inspection.inspect_model(model, params, size, batches(),
                                     _NUM_FILTERS.value)
-  out = flags.FLAGS.output
   os.makedirs(out, exist_ok=True)
   written = [figures.draw_posemb(arrays, out)]
   if 'embedding_filters' in arrays:
@@ -100,11 +101,17 @@ def main(argv: list[str]) -> None:
     written.append(figures.draw_distance(arrays, out))
   if not _PER_LAYER.value:
     arrays.pop('per_layer', None)
-  np.savez_compressed(os.path.join(out, 'arrays.npz'), **arrays)
+  files.write_atomic(os.path.join(out, 'arrays.npz'),
+                     lambda tmp: _savez(tmp, arrays))
   for name in [*written, 'arrays.npz']:
     print(os.path.join(out, name))
   if failed:
     cli.fail(f'{failed} of {len(paths)} image file(s) could not be read.')
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+  with open(path, 'wb') as f:  # a file object: numpy would append '.npz'
+    np.savez_compressed(f, **arrays)
 
 
 def run() -> None:

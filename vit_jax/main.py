@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
     raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Imported here so that --help stays fast and flags parse before TF loads.
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.base import files  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from vit_jax.runs import lock  # pylint: disable=g-import-not-at-top
   from vit_jax.runs import state_checkpoint  # pylint: disable=g-import-not-at-top
@@ -51,7 +52,8 @@ def main(argv: list[str]) -> None:
   except guards.Preempted as e:
     logging.warning('%s', e)
     sys.exit(guards.PREEMPTED_EXIT_CODE)
-  except (lock.WorkdirBusyError, setup.SetupError) as e:
+  except (lock.WorkdirBusyError, setup.SetupError,
+          files.UnsafeFileError) as e:
     # Bad input (config values, workdir, resume changes): before any compile.
     logging.error('%s', e)
     cli.usage_error(str(e))

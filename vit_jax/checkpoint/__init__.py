@@ -10,7 +10,8 @@ Orbax: weights are flat or nested dicts of numpy arrays under Google's names.
 `npz`: Google's, big_vision's and our `.npz` files; `layout`: their key
 layouts; `adapt`: fitting weights to a new head, grid or block layout;
 `posemb`: position-embedding resizing; `arrays`: flat dicts and the checks
-every loaded array passes (floating point, finite).
+every loaded array passes (floating point, finite); `weight_files`: the one
+reader of .npz and .safetensors files, bounded, that applies them.
 """
 from vit_jax.checkpoint.adapt import ADAPTATIONS
 from vit_jax.checkpoint.adapt import load_pretrained

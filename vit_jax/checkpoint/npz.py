@@ -1,9 +1,10 @@
 """ViT weights as `.npz` files: read every published layout, write Google's.
 
 `load_npz` reads Google's original / AugReg files, big_vision files and our
-own exports (key layouts: `checkpoint.layout`); bfloat16 arrays, which numpy
-stores as raw 2-byte voids, come back as bfloat16. Every array must be
-floating point and finite (`arrays.check_values`). `save_npz` writes Google's
+own exports (key layouts: `checkpoint.layout`) through `weight_files.read`
+(bounded, damage in one line); bfloat16 arrays, which numpy stores as raw
+2-byte voids, come back as bfloat16. Every array must be floating point and
+finite (`arrays.check_values`). `save_npz` writes Google's
 original naming, which their code and timm read unchanged.
 """
 from collections.abc import Mapping
@@ -16,35 +17,10 @@ import numpy as np
 from vit_jax.base import files
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
+from vit_jax.checkpoint import weight_files
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
-
-
-def _read_npz(path: PathLike) -> dict[str, np.ndarray]:
-  """All arrays of `path`; ValueError naming the file (and key) if unreadable."""
-  hint = 'The file is truncated, corrupt or not an .npz archive.'
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # zipfile, numpy header and pickle refusals alike.
-    raise ValueError(f'Cannot read checkpoint {path}: {type(e).__name__}: '
-                     f'{e}. {hint}') from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f'{path} holds a single array, not an .npz archive of '
-                     'named parameters.')
-  flat = {}
-  with npz:
-    for key in npz.files:
-      try:
-        flat[key] = arrays.as_bfloat16(npz[key])
-      except Exception as e:  # CRC, zlib, EOF and header errors.
-        raise ValueError(f'Cannot read array {key!r} of checkpoint {path}: '
-                         f'{type(e).__name__}: {e}. {hint}') from e
-  if not flat:
-    raise ValueError(f'Checkpoint {path} contains no arrays.')
-  return flat
 
 
 def load_npz(path: PathLike) -> Params:
@@ -54,7 +30,8 @@ def load_npz(path: PathLike) -> Params:
   embedding at Transformer/posembed_input (with a class slot for token
   models), 1-D GroupNorm params; encoder blocks stacked or not, as stored.
   """
-  flat = layout.to_linen_layout(_read_npz(path))  # params only, no opt state
+  # Values are checked after the layout keeps the params (no optimizer state).
+  flat = layout.to_linen_layout(weight_files.read(path, check=False))
   arrays.check_values(flat, f'Checkpoint {path}')
   return arrays.unflatten(flat)
 

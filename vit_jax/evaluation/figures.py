@@ -14,6 +14,7 @@ from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vit_jax.base import files  # noqa: E402
 from vit_jax.evaluation import inspection  # noqa: E402
 from vit_jax.serving import images  # noqa: E402
 
@@ -25,8 +26,9 @@ def _save(fig, out: str, name: str) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=80, bbox_inches='tight')
   plt.close(fig)
-  Image.open(buffer).convert('RGB').quantize(256).save(
-      os.path.join(out, name), optimize=True)
+  picture = Image.open(buffer).convert('RGB').quantize(256)
+  files.write_atomic(os.path.join(out, name), lambda tmp: picture.save(
+      tmp, format='PNG', optimize=True))
   return name
 
 

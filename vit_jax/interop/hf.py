@@ -21,6 +21,7 @@ import numpy as np
 
 from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
+from vit_jax.interop import fields
 
 if TYPE_CHECKING:  # Imported when called: the checkpoint layer loads no PIL.
   from vit_jax.serving import images
@@ -251,23 +252,21 @@ def model_options(config: Mapping) -> tuple[dict, tuple[int, int]]:
   if not 0 <= eps <= 1e-5:
     log.warning('layer_norm_eps=%g in the config; vit_jax normalises with '
                 '1e-6, so outputs differ slightly.', eps)
-  pair = lambda v: (int(v[0]), int(v[1])) if isinstance(
-      v, (list, tuple)) else (int(v), int(v))
   head = 'ViTForImageClassification' in (config.get('architectures') or [])
   id2label = config.get('id2label') or {}
-  num_classes = (len(id2label) or int(config.get('num_labels', 2))) if head \
-      else 0
+  num_classes = (len(id2label) or fields.integer(config, 'num_labels', 2, 1, 10**6)
+                 ) if head else 0
   return ({'num_classes': num_classes,
-           'patch_size': pair(config.get('patch_size', 16)),
-           'hidden_size': config.get('hidden_size', 768),
-           'num_layers': config.get('num_hidden_layers', 12),
-           'num_heads': config.get('num_attention_heads', 12),
-           'mlp_dim': config.get('intermediate_size', 3072),
+           'patch_size': fields.size(config, 'patch_size', 16),
+           'hidden_size': fields.integer(config, 'hidden_size', 768, 1, 2**16),
+           'num_layers': fields.integer(config, 'num_hidden_layers', 12, 1, 2**10),
+           'num_heads': fields.integer(config, 'num_attention_heads', 12, 1, 2**10),
+           'mlp_dim': fields.integer(config, 'intermediate_size', 3072, 1, 2**18),
            'classifier': 'token', 'representation_size': None,
            'resnet_layers': None, 'num_registers': 0, 'posemb_prefix': True,
            'layerscale': None, 'fc_norm': False,
            'activation': 'gelu' if act in _EXACT_GELU else 'gelu_tanh'},
-          pair(config.get('image_size', 224)))
+          fields.size(config, 'image_size', 224))
 
 
 def label_names(config: Mapping) -> list[str] | None:
@@ -323,8 +322,16 @@ def preprocessing_from(preprocessor_config: Mapping | None,
     log.warning('The preprocessor resizes to %sx%s; the model runs at %sx%s.',
                 size['height'], size.get('width'), *image_size)
   r = c.get('rescale_factor', 1 / 255) if c.get('do_rescale', True) else 1
+  if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
+      0 < r < float('inf')):
+    raise ValueError(f'rescale_factor={r!r}: expected a positive number '
+                     '(1/255 rescales 0..255 to 0..1)')
   mean, std = ((c.get('image_mean', 0.5), c.get('image_std', 0.5))
                if c.get('do_normalize', True) else (0.0, 1.0))
+  for name, v in (('image_mean', mean), ('image_std', std)):
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+               for x in (v if isinstance(v, (list, tuple)) else (v,))):
+      raise ValueError(f'{name}={v!r}: expected a number or three numbers')
   scale = 255 * float(r)
   scale = 1.0 if abs(scale - 1) < 1e-9 else scale  # keeps 0.5 exactly 0.5
   as3 = lambda v: tuple(float(x) / scale for x in (

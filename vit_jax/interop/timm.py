@@ -18,6 +18,7 @@ import numpy as np
 
 from vit_jax.base import errors
 from vit_jax.checkpoint import arrays
+from vit_jax.interop import fields
 from vit_jax.models import resnet
 from vit_jax.serving import images
 
@@ -294,11 +295,11 @@ def preprocessing_from(config: Mapping[str, Any]) -> images.Preprocessing:
 
 def _image_size(config: Mapping[str, Any], architecture: str
                 ) -> tuple[int, int] | None:
-  size = ((config.get('model_args') or {}).get('img_size')
-          or ((config.get('pretrained_cfg') or {}).get('input_size') or
-              [None])[1:] or None)
-  if size:
-    return (size, size) if isinstance(size, int) else tuple(size[-2:])
+  for part, name in (('model_args', 'img_size'),
+                     ('pretrained_cfg', 'input_size')):  # [3, height, width]
+    section = config.get(part) or {}
+    if section.get(name):
+      return fields.size(section, name, None)
   end = re.search(r'_(\d{3})(\.|$)', architecture)
   return (int(end[1]),) * 2 if end else None
 
@@ -325,7 +326,9 @@ def model_options(state: Mapping[str, Any], config: Mapping[str, Any],
                      f'architecture {architecture!r} is unknown; give it in '
                      "config.json's model_args as num_heads.")
   options = {
-      'hidden_size': hidden, 'num_heads': int(heads),
+      'hidden_size': hidden,
+      'num_heads': fields.integer(args, 'num_heads', heads, 1, hidden,
+                                  heads),
       'num_layers': len({k.split('.')[1] for k in state
                          if k.startswith('blocks.')}),
       'mlp_dim': shape('blocks.0.mlp.fc1.weight')[0],

@@ -20,6 +20,8 @@ import pathlib
 import socket
 import sys
 
+from vit_jax.base import files
+
 LOCK_NAME = 'LOCK'
 
 
@@ -41,11 +43,12 @@ def describe(record: dict) -> str:
           f'{record.get("started")} ({record.get("command")})')
 
 
+_MAX_RECORD_BYTES = 65536  # ours are ~200 bytes; a bigger one is not ours
+
+
 def _read(fd: int) -> dict:
   os.lseek(fd, 0, os.SEEK_SET)
-  data = b''
-  while chunk := os.read(fd, 65536):
-    data += chunk
+  data = os.read(fd, _MAX_RECORD_BYTES)
   try:
     record = json.loads(data.decode('utf-8')) if data.strip() else {}
   except (ValueError, UnicodeDecodeError):
@@ -54,24 +57,34 @@ def _read(fd: int) -> dict:
 
 
 class WorkdirLock:
-  """`with WorkdirLock(workdir) as lock:`; `lock.previous` is a dead holder's record."""
+  """`with WorkdirLock(workdir) as lock:`; `lock.previous` is a dead holder's record.
 
-  def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / LOCK_NAME
+  `lock_path` puts the lock file elsewhere, for a folder that is replaced
+  whole (an export folder: its lock lies beside it, `.NAME.lock`);
+  `other` is the flag the busy message suggests changing.
+  """
+
+  def __init__(self, workdir: str | os.PathLike,
+               lock_path: str | os.PathLike | None = None,
+               other: str = '--workdir'):
+    self.folder = pathlib.Path(workdir)
+    self.path = pathlib.Path(lock_path or self.folder / LOCK_NAME)
+    self._other = other
     self._fd: int | None = None
     self.previous: dict = {}
 
   def acquire(self) -> 'WorkdirLock':
-    """Takes the lock or raises WorkdirBusyError naming the live holder."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Takes the lock or raises WorkdirBusyError naming the live holder
+    (files.UnsafeFileError if LOCK is a link, a directory or a device)."""
+    fd = files.open_regular(self.path, os.O_RDWR | os.O_CREAT)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = _read(fd)
       os.close(fd)
       raise WorkdirBusyError(
-          f'{self.path.parent} is in use by another run: {describe(holder)}. '
-          'Wait for it to finish or stop it, or use another --workdir.'
+          f'{self.folder} is in use by another run: {describe(holder)}. '
+          f'Wait for it to finish or stop it, or use another {self._other}.'
       ) from None
     except OSError:
       os.close(fd)

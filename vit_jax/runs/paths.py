@@ -2,11 +2,13 @@
 
 `prepare_for_writing` turns every way a workdir can be unusable (no path, a
 file, a place without write permission, a read-only file system,
-`checkpoints` being a file) into one WorkdirError line before anything runs.
+`checkpoints` being a file or a link) into one WorkdirError line before
+anything runs.
 """
 import errno
 import os
 import pathlib
+import tempfile
 
 CHECKPOINTS = 'checkpoints'
 CONFIG = 'config.json'
@@ -37,13 +39,22 @@ def prepare_for_writing(workdir: str | os.PathLike) -> pathlib.Path:
     raise WorkdirError(f'--workdir={workdir} cannot be created: '
                        f'{e.strerror or e}.') from None
   checkpoints = path / CHECKPOINTS
+  if checkpoints.is_symlink():
+    # Orbax writes, renames and deletes step folders in there: through a link
+    # a workdir someone hands us could make it delete folders elsewhere.
+    raise WorkdirError(f'{checkpoints} is a symbolic link; a workdir\'s '
+                       'checkpoints/ must be its own directory (replace the '
+                       'link with the folder, or point --workdir at the '
+                       'place the link names).')
   if checkpoints.exists() and not checkpoints.is_dir():
     raise WorkdirError(f'{checkpoints} is a file; a workdir\'s checkpoints/ '
                        'must be a directory (move the file away).')
-  probe = path / f'.write-test-{os.getpid()}'
   try:
-    probe.write_bytes(b'')
-    probe.unlink()
+    # A new file of a random name (O_EXCL): nothing planted can be written
+    # through.
+    fd, probe = tempfile.mkstemp(dir=path, prefix='.write-test-')
+    os.close(fd)
+    os.unlink(probe)
   except OSError as e:
     why = ('is on a read-only file system' if e.errno == errno.EROFS else
            'is not writable' if e.errno in (errno.EACCES, errno.EPERM) else

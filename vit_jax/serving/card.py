@@ -15,15 +15,16 @@ NUL, the array's bytes in C order, little-endian.
 """
 from collections.abc import Mapping
 import hashlib
-import json
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
+from vit_jax.base import files
+from vit_jax.base import limits
 from vit_jax.checkpoint import arrays
+from vit_jax.checkpoint import weight_files
 from vit_jax.serving import images
 
 CARD_SUFFIX = '.card.json'
@@ -140,7 +141,9 @@ def read_card(path: str | os.PathLike) -> tuple[pathlib.Path, dict[str, Any]]:
   """(card path, card) of an export card or its folder; CardError if malformed."""
   card_path = find_card(path)
   try:
-    card = json.loads(card_path.read_text(encoding='utf-8'))
+    card = files.read_json(card_path, 'export card')
+  except limits.LimitError:
+    raise
   except (OSError, ValueError) as e:
     raise CardError(f'Cannot read export card {card_path}: {e}') from e
   problems = _problems(card)
@@ -200,9 +203,9 @@ def read_safetensors(card_path: pathlib.Path, card: Mapping[str, Any],
   """The export's params from its safetensors file, checked against the card."""
   path = export_file(card_path, card, 'safetensors', verify)
   try:
-    flat = safetensors.numpy.load_file(path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CardError(f'Cannot read {path}: {type(e).__name__}: {e}') from e
+    flat = weight_files.read(path, check=False)
+  except ValueError as e:
+    raise CardError(str(e)) from None
   if verify:
     verify_params(flat, card, path)
   return flat
@@ -214,7 +217,7 @@ def read_labels(path: str | os.PathLike, num_classes: int) -> list[str]:
   From a line with three or more tab-separated fields the third is taken.
   """
   try:
-    text = pathlib.Path(path).read_text(encoding='utf-8')
+    text = files.read_text(path, 'labels file')
   except UnicodeDecodeError as e:
     raise ValueError(f'Labels file {path} is not UTF-8 text ({e.reason} at '
                      f'byte {e.start}); save it as UTF-8.') from None

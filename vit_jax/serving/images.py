@@ -31,10 +31,13 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
+import warnings
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from vit_jax.base import limits
 
 RESIZE_MODES = ('resize', 'resize_crop')
 CROP_FRACTION = 0.875  # 224 / 256, preprocess.resize_shorter_and_crop's default
@@ -69,14 +72,43 @@ def _bits(image: Image.Image) -> int:
   return 16 if image.format == 'PNG' else 32  # older Pillow: PNG 16 -> 'I'
 
 
+def _fit_pixel_limit(image: Image.Image, path) -> None:
+  """Bounds the decoded size before decoding (the header is read, no pixel).
+
+  Pillow's own bomb check only warns below 179 M pixels (a 17 KB PNG can
+  declare 144 M). A JPEG over `limits.IMAGE_PIXELS` is decoded at 1/2, 1/4 or
+  1/8 scale (libjpeg's DCT scaling, Pillow's `draft`): still far above any
+  model's resolution, and the full bitmap is never made. Anything else over
+  the limit is refused with one LimitError line.
+  """
+  width, height = image.size
+  limit = limits.IMAGE_PIXELS.value()
+  if width * height <= limit:
+    return
+  if image.format == 'JPEG':
+    for factor in (2, 4, 8):
+      if -(-width // factor) * -(-height // factor) <= limit:  # ceil: as decoded
+        image.draft(image.mode, (max(1, width // factor),
+                                 max(1, height // factor)))
+        break
+  limits.IMAGE_PIXELS.check(image.size[0] * image.size[1],
+                            f'{path}: {width}x{height} image, decoded')
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
   """Decodes an image file to uint8 [height, width, 3] RGB.
 
   Raises OSError / ValueError (Pillow's errors, e.g. truncated or not an
   image) for files that cannot be decoded, UnsupportedImageError for 32-bit
-  integer or floating-point pixels.
+  integer or floating-point pixels, limits.LimitError for images over
+  `limits.IMAGE_PIXELS` (JPEGs are first decoded smaller to fit).
   """
-  with Image.open(path) as image:
+  with warnings.catch_warnings():
+    # Pillow warns from 89 M pixels; our own, lower limit decides below.
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    image = Image.open(path)
+  with image:
+    _fit_pixel_limit(image, path)
     image.load()  # Decodes now, so truncated files fail here, not later.
     try:
       image = ImageOps.exif_transpose(image)
@@ -109,13 +141,14 @@ def _bilinear_weights(in_size: int, out_size: int):
 
 def resize_bilinear(image: np.ndarray, size: Size) -> np.ndarray:
   """`preprocess.resize` in numpy: float32 [h, w, C] in [0, 255]."""
-  image = np.asarray(image, np.float32)
+  image = np.asarray(image)
   y_lo, y_hi, y_lerp = _bilinear_weights(image.shape[0], size[0])
   x_lo, x_hi, x_lerp = _bilinear_weights(image.shape[1], size[1])
   x_lerp = x_lerp[None, :, None]
   # Same operation order as TF's kernel (interpolate along x, then y), so
-  # float32 rounding matches too.
-  top, bottom = image[y_lo], image[y_hi]
+  # float32 rounding matches too. Rows are picked before the (exact) cast to
+  # float32: a large photo is never copied whole as float32.
+  top, bottom = (image[y].astype(np.float32) for y in (y_lo, y_hi))
   top = top[:, x_lo] + (top[:, x_hi] - top[:, x_lo]) * x_lerp
   bottom = bottom[:, x_lo] + (bottom[:, x_hi] - bottom[:, x_lo]) * x_lerp
   out = top + (bottom - top) * y_lerp[:, None, None]
@@ -130,6 +163,7 @@ def resize_shorter_and_crop(image: np.ndarray, size: Size,
   shape = np.asarray(image.shape[:2], np.float32)
   scale = target / shape.min()
   new_hw = np.maximum(np.round(shape * scale).astype(np.int64), size)
+  _check_resized(image.shape, new_hw)
   resized = resize_bilinear(image, (int(new_hw[0]), int(new_hw[1])))
   top, left = (new_hw[0] - size[0]) // 2, (new_hw[1] - size[1]) // 2
   return resized[top:top + size[0], left:left + size[1]]
@@ -170,8 +204,11 @@ class Preprocessing:
     if self.interpolation not in INTERPOLATIONS:
       raise ValueError(f'Interpolation {self.interpolation!r} is not '
                        f'supported; allowed: {", ".join(INTERPOLATIONS)}.')
-    if not 0 < self.crop_fraction <= 1:
-      raise ValueError(f'crop_fraction={self.crop_fraction} must be in (0, 1].')
+    if not limits.MIN_CROP_FRACTION <= self.crop_fraction <= 1:
+      # Below the minimum the resize before the crop grows without bound
+      # (timm's crop_pct 1e-5 would resize to 22 M pixels a side).
+      raise ValueError(f'crop_fraction={self.crop_fraction} must be in '
+                       f'[{limits.MIN_CROP_FRACTION}, 1].')
     if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
       raise ValueError(f'mean {self.mean} and std {self.std} must be three '
                        'numbers each, std positive.')
@@ -204,6 +241,15 @@ def _as_preprocessing(preprocessing: 'Preprocessing | str') -> Preprocessing:
   return Preprocessing(resize=preprocessing)
 
 
+def _check_resized(shape: Sequence[int], new_hw: Sequence[int]) -> None:
+  """LimitError before a resize whose output is over `limits.IMAGE_PIXELS`
+  (a 1 x 20000 strip resized to a 256 px shorter side would be 5 G pixels)."""
+  limits.IMAGE_PIXELS.check(
+      int(new_hw[0]) * int(new_hw[1]),
+      f'a {shape[0]}x{shape[1]} image resized to {int(new_hw[0])}x'
+      f'{int(new_hw[1])} before its crop')
+
+
 def _resize_pil(image: np.ndarray, size: Size, interpolation: str
                 ) -> np.ndarray:
   resized = Image.fromarray(np.asarray(image, np.uint8)).resize(
@@ -231,6 +277,7 @@ def eval_pixels(image: np.ndarray, size: Size,
   h, w = image.shape[:2]
   scale = target / min(h, w)
   new_hw = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+  _check_resized(image.shape, new_hw)
   resized = _resize_pil(image, new_hw, p.interpolation)
   top, left = (new_hw[0] - size[0]) // 2, (new_hw[1] - size[1]) // 2
   return resized[top:top + size[0], left:left + size[1]]

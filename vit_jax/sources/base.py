@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.base import errors
+from vit_jax.base import limits
 from vit_jax.checkpoint import arrays
 from vit_jax.checkpoint import layout
 from vit_jax.checkpoint import posemb
@@ -47,6 +48,17 @@ class Source:
   preprocessing: images.Preprocessing  # eval: resize, interpolation, scaling
   step: int | None
   origin: dict[str, Any]  # what the card records as its source
+
+  def __post_init__(self):
+    # Every source's resolution (from a config.json, a card, a flag) is
+    # bounded here, before a model is run or a position embedding resized.
+    check_image_size(self.image_size, self.origin.get('path', self.model_name))
+
+
+def check_image_size(image_size: Sequence[int], source: str) -> None:
+  """limits.LimitError if a side of `image_size` is over limits.INPUT_SIDE."""
+  limits.INPUT_SIDE.check(max(image_size), f'{source}: input size '
+                          f'{"x".join(map(str, image_size))}')
 
 
 def inference_params(params: Any) -> dict[str, Any]:
@@ -85,6 +97,7 @@ def at_image_size(source: Source, image_size: Sequence[int]) -> Source:
   fine-tuning at a new resolution does; the class-token slot is kept.
   """
   image_size = tuple(int(s) for s in image_size)
+  check_image_size(image_size, source.origin.get('path', source.model_name))
   source.model.check_input_shape((1, *image_size, 3))
   if layout.POSEMB not in arrays.flatten(source.params):  # a ResNet
     return dataclasses.replace(source, image_size=image_size)

@@ -36,6 +36,7 @@ from vit_jax.checkpoint import layout
 from vit_jax.interop import hf
 from vit_jax.interop import timm
 from vit_jax import models
+from vit_jax.runs import lock
 from vit_jax.serving import card as card_lib
 from vit_jax.serving import images
 from vit_jax.sources import base
@@ -219,6 +220,18 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
           for k, v in base.original_flat(source.params).items()}
   arrays.check_values(flat, f'{source.origin["path"]}')
   output.parent.mkdir(parents=True, exist_ok=True)
+  # One writer per export folder: a second export into it at the same time
+  # would report success for a folder that then holds the first one's model.
+  with lock.WorkdirLock(output, output.parent / f'.{output.name}.lock',
+                        other='--output'):
+    return _write_locked(source, output, name, formats, bfloat16, platforms,
+                         flat, dtype)
+
+
+def _write_locked(source: base.Source, output: pathlib.Path, name: str,
+                  formats: tuple[str, ...], bfloat16: bool,
+                  platforms: tuple[str, ...], flat: dict[str, np.ndarray],
+                  dtype) -> pathlib.Path:
   _recover(output)
   partial = pathlib.Path(tempfile.mkdtemp(
       prefix=f'.{output.name}.partial-{os.getpid()}-', dir=output.parent))
@@ -250,6 +263,7 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
       if path.is_file():
         with open(path, 'rb') as f:
           os.fsync(f.fileno())
+        os.chmod(path, 0o644)  # some writers (safetensors) leave 0600
       else:
         os.chmod(path, 0o755)
     os.chmod(partial, 0o755)
@@ -280,15 +294,24 @@ def _recover(output: pathlib.Path) -> None:
     if pid.isdigit() and not _pid_alive(int(pid)):
       shutil.rmtree(partial, ignore_errors=True)
   for old in sorted(output.parent.glob(f'.{output.name}.old-*')):
-    if not output.exists():
+    if not os.path.lexists(output):
       os.rename(old, output)
     else:
-      shutil.rmtree(old, ignore_errors=True)
+      _remove(old)
+
+
+def _remove(path: pathlib.Path) -> None:
+  """Deletes a folder we set aside, or the link that stood in its place (a
+  link is removed, never followed)."""
+  if path.is_symlink():
+    path.unlink(missing_ok=True)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap_into_place(partial: pathlib.Path, output: pathlib.Path) -> None:
   """Renames `partial` to `output`; an earlier export there goes only after."""
-  if not output.exists():
+  if not os.path.lexists(output):
     os.rename(partial, output)
     return
   old = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.old-',
@@ -300,7 +323,7 @@ def _swap_into_place(partial: pathlib.Path, output: pathlib.Path) -> None:
   except BaseException:
     os.rename(old, output)
     raise
-  shutil.rmtree(old, ignore_errors=True)
+  _remove(old)
 
 
 def from_export(path: str | os.PathLike) -> base.Source:

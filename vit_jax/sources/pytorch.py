@@ -12,15 +12,17 @@ with safetensors (never unpickled: `.bin` / `.pth` files are refused with the
 command that converts them). Hub ids resolve through huggingface_hub's cache,
 so a populated cache works offline (HF_HUB_OFFLINE=1).
 """
-import json
+import contextlib
 import os
 import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import safetensors.numpy
 
+from vit_jax.base import files
+from vit_jax.base import limits
+from vit_jax.checkpoint import weight_files
 from vit_jax.interop import hf
 from vit_jax.interop import timm
 from vit_jax import models
@@ -63,8 +65,7 @@ def format_of(path: pathlib.Path) -> str | None:
     if 'model_type' in content:
       return 'hf'
   if path.is_file():
-    with safetensors.safe_open(path, 'numpy') as f:
-      keys = list(f.keys())
+    keys = weight_files.keys(path)
     if any(k.startswith('blocks.') for k in keys):
       return 'timm'
     if any(k.startswith(('vit.', 'embeddings.')) for k in keys):
@@ -74,9 +75,39 @@ def format_of(path: pathlib.Path) -> str | None:
 
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
   try:
-    return json.loads(path.read_text())
+    config = files.read_json(path, 'config')
+  except limits.LimitError:
+    raise
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is not readable JSON: {e}') from e
+    raise ValueError(f'{path} is not readable JSON: {e}') from None
+  if not isinstance(config, dict):
+    raise ValueError(f'{path} holds {type(config).__name__}, not a JSON '
+                     'object.')
+  return config
+
+
+@contextlib.contextmanager
+def _naming(path: pathlib.Path):
+  """A config value's ValueError (or a wrong type inside the reader) as one
+  line naming the file."""
+  try:
+    yield
+  except limits.LimitError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f'{path}: {e}') from None
+
+
+def _label_names(names: Any, num_classes: int, path: pathlib.Path
+                 ) -> list[str] | None:
+  """A config's label names, which must name every class if given."""
+  if not names:
+    return None
+  if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+    count = len(names) if isinstance(names, (list, tuple, dict)) else names
+    raise ValueError(f'{path} names {count!r} labels for a {num_classes}-'
+                     'class head; give one name per class (or none).')
+  return [str(n) for n in names]
 
 
 def _registry_name(options: dict[str, Any]) -> str:
@@ -123,18 +154,19 @@ def from_timm(path: str | os.PathLike, architecture: str | None = None, *,
     raise ValueError(f'{weights} has no config.json beside it: name its timm '
                      'architecture with --model_name (e.g. '
                      'vit_base_patch16_224).')
-  state = safetensors.numpy.load_file(weights)
-  options, image_size = timm.model_options(state, config, str(weights))
+  state = weight_files.read(weights)
+  with _naming(config_path):
+    options, image_size = timm.model_options(state, config, str(weights))
+    preprocessing = timm.preprocessing_from(config)
   model, name, params, image_size = _build(
       options, image_size, state,
       lambda init, model: timm.from_timm(state, init, model, str(weights)),
       str(weights))
-  labels = config.get('label_names')
   return base.Source(
       model=model, model_name=name, params=params, image_size=image_size,
-      label_names=(list(labels) if labels and len(labels) == model.num_classes
-                   else None),
-      preprocessing=timm.preprocessing_from(config), step=None,
+      label_names=_label_names(config.get('label_names'), model.num_classes,
+                               config_path),
+      preprocessing=preprocessing, step=None,
       origin={'kind': 'timm', 'path': os.path.abspath(weights),
               'architecture': config['architecture'], **(origin or {})})
 
@@ -145,22 +177,26 @@ def from_hf(path: str | os.PathLike, *,
   and, if present, preprocessor_config.json."""
   path = pathlib.Path(path)
   folder = path if path.is_dir() else path.parent
-  config = _read_config(folder / 'config.json')
-  options, image_size = hf.model_options(config)
+  config_path = folder / 'config.json'
+  config = _read_config(config_path)
+  with _naming(config_path):
+    options, image_size = hf.model_options(config)
+    labels = hf.label_names(config)
   weights = folder / WEIGHTS
-  state = safetensors.numpy.load_file(weights)
+  state = weight_files.read(weights)
+  preprocessor = folder / 'preprocessor_config.json'
+  with _naming(preprocessor):
+    preprocessing = hf.preprocessing_from(
+        _read_config(preprocessor) if preprocessor.is_file() else None,
+        image_size)
   model, name, params, image_size = _build(
       options, image_size, state,
       lambda init, model: hf.from_hf(state, model), str(weights))
   base.check_shapes(model, params, image_size, str(weights), name)
-  preprocessor = folder / 'preprocessor_config.json'
   return base.Source(
       model=model, model_name=name, params=params, image_size=image_size,
-      label_names=hf.label_names(config),
-      preprocessing=hf.preprocessing_from(
-          _read_config(preprocessor) if preprocessor.is_file() else None,
-          image_size),
-      step=None,
+      label_names=_label_names(labels, model.num_classes, config_path),
+      preprocessing=preprocessing, step=None,
       origin={'kind': 'hf', 'path': os.path.abspath(weights),
               'architecture': (config.get('architectures') or ['ViTModel'])[0],
               **(origin or {})})

@@ -18,6 +18,8 @@ from absl import logging
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 
+from vit_jax.base import files
+
 
 def _crc32c_table() -> list[int]:
   table = []
@@ -63,7 +65,8 @@ class SummaryWriter:
     logdir.mkdir(parents=True, exist_ok=True)
     self.path = logdir / (f'events.out.tfevents.{int(time.time())}.'
                           f'{socket.gethostname()}.{os.getpid()}.0')
-    self._file = open(self.path, 'ab')
+    self._file = os.fdopen(files.open_regular(
+        self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), 'ab')
     self._write(event_pb2.Event(wall_time=time.time(), step=0,
                                 file_version='brain.Event:2'))
 

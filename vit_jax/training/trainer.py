@@ -120,7 +120,7 @@ def _finished_result(workdir: pathlib.Path, meta: dict | None,
   if meta is None or not path.is_file():
     return None
   try:
-    result = json.loads(path.read_text())
+    result = files.read_json(path, 'metrics')
   except ValueError:
     return None  # damaged: evaluate again
   last_step = reader.complete_steps(workdir / paths.CHECKPOINTS)[-1]
