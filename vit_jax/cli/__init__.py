@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vit_jax.cli import accelerators
 from vit_jax.cli import host_memory
 
 EXIT_FAILED = 1
@@ -109,6 +110,7 @@ def run(main: Callable[[list[str]], Any],
   """Runs a program's `main(argv)`: flags parsed (errors exit 2), quiet logs,
   a UsageError raised by `main` reported as one line with exit status 2."""
   quiet_environment()
+  accelerators.cpu_only_platforms()  # before host_memory reads JAX_PLATFORMS
   host_memory.keep_freed_memory()
   program = sys.modules[main.__module__]
   if sys.modules['__main__'] is not program:
@@ -162,6 +164,15 @@ def define_labels_flag() -> None:
 
 def define_output_flag(what: str) -> None:
   flags.DEFINE_string('output', None, what)
+
+
+def output_folder() -> str | None:
+  """--output, checked before any work: UsageError if it names a file."""
+  out = flags.FLAGS.output
+  if out and os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f'--output={out} is a file; name a folder (it is '
+                     'created if missing).')
+  return out
 
 
 def image_size() -> tuple[int, int] | None:
