@@ -28,6 +28,7 @@ from vit_jax.runs import state_checkpoint
 from vit_jax.training import fewshot as fewshot_lib
 from vit_jax.training import finetune
 from vit_jax.training import guards
+from vit_jax.training import memory
 from vit_jax.training import programs
 from vit_jax.training import progress as progress_lib
 from vit_jax.training import setup as setup_lib
@@ -194,12 +195,25 @@ def _log_start(setup: setup_lib.Setup, workdir: pathlib.Path) -> None:
       jax.default_backend(), jax.process_count())
 
 
-def _compile(train_step, state: state_lib.State, batch: pipeline.Batch):
-  """The train step compiled ahead of its first call, with the time it took."""
+def _compile_checked(setup: setup_lib.Setup, abstract: state_lib.State,
+                     shardings: Any):
+  """The train step compiled from abstract arguments, after XLA's memory of
+  it and of the eval step is checked against the devices' (`memory`):
+  before any state, batch or input pipeline exists."""
   logging.info('Compiling the train step...')
   start = time.time()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = programs.train_step(setup, shardings).lower(
+      abstract, programs.abstract_train_batch(setup)).compile()
   logging.info('Compiled in %.1f s.', time.time() - start)
+  state_bytes = memory.shard_bytes(abstract)
+  params_bytes = memory.shard_bytes(abstract['params'])
+  # Every run ends with an evaluation: its step must fit beside the state.
+  eval_compiled = programs.eval_step(setup).lower(
+      abstract['params'], programs.abstract_eval_batch(setup)).compile()
+  needs = {'train': memory.train_need(compiled, state_bytes),
+           'eval': memory.eval_need(eval_compiled, state_bytes, params_bytes)}
+  with setup_lib.before_compiling():
+    memory.check(needs, setup.mesh, setup.config)
   return compiled
 
 
@@ -221,10 +235,11 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                 ) -> dict[str, Any]:
   config = setup.config
   examples_seen, history = 0, None
+  abstract, shardings = programs.abstract_train_state(setup)
+  compiled_step = _compile_checked(setup, abstract, shardings)
   with setup_lib.before_compiling():
     if ckpt.latest_step() is not None:
       # Restored straight onto the devices: no initial state is built first.
-      abstract, shardings = programs.abstract_train_state(setup)
       state, meta = ckpt.restore(abstract)
       examples_seen = _examples_seen(meta)
       history = meta.get('history')
@@ -235,7 +250,6 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
         files.write_json(workdir / paths.ADAPTATION, adaptation)
 
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
-  train_step = programs.train_step(setup, shardings)
   eval_step = programs.eval_step(setup)
 
   def evaluate_all(params, classify: bool, linear: bool) -> dict[str, Any]:
@@ -261,10 +275,6 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                                    writer, history)
   guard = guards.NonFiniteGuard(config.on_nonfinite)
   step = int(state['step'])
-  first_batch = None
-  if step < setup.total_steps:
-    first_batch = next(train_iter)
-    train_step = _compile(train_step, state, first_batch)
   unchecked = None  # (step, metrics) not yet seen on the host: one step late
 
   def check(pending):
@@ -278,9 +288,7 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
     progress.record(values)
 
   while step < setup.total_steps:
-    batch = next(train_iter) if first_batch is None else first_batch
-    first_batch = None
-    state, metrics = train_step(state, batch)
+    state, metrics = compiled_step(state, next(train_iter))
     step += 1
     if unchecked:
       check(unchecked)
