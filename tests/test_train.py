@@ -121,6 +121,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
     # Zero, negative and out-of-range numbers: one line naming the field.
     ({'total_steps': -5}, r"config.total_steps=-5 must be a positive integer "
      r"\(or 0 for the dataset's default\)"),
+    ({'total_steps': 10**20}, r'config.total_steps=100000000000000000000 is '
+     r'out of range: at most 2,147,483,647'),
+    ({'seed': 10**20}, r'config.seed=100000000000000000000 is out of range'),
     ({'keep_checkpoints': 0}, r'keep_checkpoints=0 must be >= 1 \(at least '
      r'the newest checkpoint is kept\)'),
     ({'checkpoint_every': 0}, r'config.checkpoint_every=0 must be an integer'),
@@ -145,6 +148,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
      r'eval_batch_size=12 must be divisible by the 8 devices'),
     ({'eval_resize': 'crop'}, r"config.eval_resize: Unknown value 'crop'"),
     ({'eval_split': 'tset'}, r"Unknown or invalid split 'tset'"),
+    ({'eval_split': 'test[:0]'}, r"Split 'test\[:0\]' of dataset 'cifar10' "
+     r'holds no examples'),
     ({'pretrained.path': '/nonexistent/ViT-B_16.npz'},
      r'--model=/nonexistent/ViT-B_16.npz: no such file or directory'),
 ])

@@ -224,9 +224,13 @@ def check_split(source, dataset: str, split: str | None) -> str:
     raise ValueError(f'Dataset {dataset!r} has no default split for this use; '
                      f'pass split= one of {source.splits()}.')
   try:
-    source.num_examples(split)
+    count = source.num_examples(split)
   except (ValueError, KeyError, AssertionError) as e:
     raise ValueError(f'Unknown or invalid split {split!r} for dataset '
                      f'{dataset!r}; available splits: {source.splits()} '
                      f'(slices like "train[:98%]" allowed). ({e})') from None
+  if not count:
+    raise ValueError(f'Split {split!r} of dataset {dataset!r} holds no '
+                     'examples; name a split (or slice) with some, e.g. '
+                     f'{source.splits()[0]!r}.')
   return split

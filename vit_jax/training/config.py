@@ -45,6 +45,9 @@ def with_overrides(config: ml_collections.ConfigDict,
   return config
 
 
+_MAX_INT = 2**31 - 1
+
+
 def _number(config, path: str, *, low=None, high=None, low_open=False,
             high_open=False, integer=False, what: str = '') -> None:
   node = config
@@ -55,6 +58,11 @@ def _number(config, path: str, *, low=None, high=None, low_open=False,
   ok = isinstance(value, kind) and not isinstance(value, bool)
   if ok and not integer:
     ok = math.isfinite(value)
+  if ok and integer and abs(value) > _MAX_INT:
+    # Steps, seeds and sizes become 32-bit integers on the devices: 1e20
+    # would otherwise be an OverflowError after the dataset is built.
+    raise ConfigError(f'config.{path}={value} is out of range: at most '
+                      f'{_MAX_INT:,} (a 32-bit integer).')
   if ok and low is not None:
     ok = value > low if low_open else value >= low
   if ok and high is not None:
@@ -106,6 +114,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _number(config, 'cutmix_alpha', low=0)
   _choice(config, 'pretrained.posemb_method', POSEMB_METHODS)
 
+  _number(config, 'seed', low=0, integer=True)
   _number(config, 'batch_size', low=1, integer=True)
   _number(config, 'eval_batch_size', low=1, integer=True)
   _number(config, 'accum_steps', low=1, integer=True)
