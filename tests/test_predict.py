@@ -243,3 +243,18 @@ def test_usage_errors_exit_2_naming_the_value(imagenet_npz, imagenet_samples,
   result = _predict(*args, photo)
   assert result.returncode == 2, result.stderr
   assert message in result.stderr
+
+
+def test_preprocessing_takes_grey_arrays_and_refuses_float_images():
+  """A grey HxW array came back (32, 32, 32); a float image in [0, 1] was
+  read as 0..255 (nearly black), both without an error."""
+  grey = np.random.default_rng(0).integers(0, 256, (40, 50), np.uint8)
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  for image in (grey, grey[..., None]):
+    np.testing.assert_array_equal(images.eval_pixels(image, (32, 32)),
+                                  images.eval_pixels(rgb, (32, 32)))
+  with pytest.raises(ValueError, match=r'dtype float32; a float image in '
+                                       r'\[0, 1\] needs'):
+    images.eval_pixels(rgb.astype(np.float32) / 255, (32, 32))
+  with pytest.raises(ValueError, match=r'got \(40, 50, 4\)'):
+    images.eval_pixels(np.zeros((40, 50, 4), np.uint8), (32, 32))

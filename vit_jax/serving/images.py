@@ -257,13 +257,32 @@ def _resize_pil(image: np.ndarray, size: Size, interpolation: str
   return np.asarray(resized, np.float32)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+  """A decoded image as uint8 [h, w, 3]: grey [h, w] or [h, w, 1] repeated to
+  RGB; ValueError for any other shape or dtype (a float image in [0, 1] would
+  otherwise be read as 0..255, nearly black)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'Expected a uint8 image (0..255, as load_rgb decodes '
+                     f'it), got dtype {image.dtype}; a float image in [0, 1] '
+                     'needs (image * 255).round().astype(np.uint8).')
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or 0 in image.shape:
+    raise ValueError(f'Expected an image of shape [height, width, 3] (RGB) or '
+                     f'[height, width] (grey), got {image.shape}.')
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
 def eval_pixels(image: np.ndarray, size: Size,
                 preprocessing: 'Preprocessing | str' = 'resize'
                 ) -> np.ndarray:
-  """Decoded uint8 RGB -> float32 [size, 3] in [0, 255], resized like eval.
+  """Decoded uint8 RGB (or grey) -> float32 [size, 3] in [0, 255], resized
+  like eval.
 
   `preprocessing` is a Preprocessing, or a resize mode for this library's.
   """
+  image = as_rgb(image)
   p = _as_preprocessing(preprocessing)
   size = (int(size[0]), int(size[1]))
   if p.interpolation == 'bilinear':
