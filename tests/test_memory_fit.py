@@ -38,7 +38,19 @@ def test_a_step_that_cannot_fit_is_one_line_before_anything_runs(
   assert len(errors) == 1, result.stderr[-3000:]
   assert re.match(match, errors[0]), errors[0]
   assert 'Traceback' not in result.stderr
-  assert runs.complete_steps(workdir) == []  # no state was ever saved
+  # Nothing was written but the (released) lock: no config.json, event file
+  # or checkpoints/.
+  assert sorted(p.name for p in workdir.iterdir()) == ['LOCK']
+
+
+def test_a_refused_config_leaves_no_workdir_behind(tfds_data_dir, tmp_path):
+  workdir = tmp_path / 'new' / 'run'
+  result = subprocess.run(
+      runs.cli(tfds_data_dir, workdir, eval_split='tset'), cwd=REPO,
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Unknown or invalid split 'tset'" in result.stderr
+  assert not (tmp_path / 'new').exists()
 
 
 def test_the_hint_splits_the_batch_when_accumulation_fits(monkeypatch):

@@ -225,8 +225,13 @@ def test_a_peer_that_never_starts_is_named_after_a_bounded_wait(
   # Ctrl-C ends a long wait at once.
   waiting = runs.start([*args, '--config.distributed.wait_s=300',
                         '--config.distributed.process_id=0'])
-  time.sleep(8)
+  # Interrupted once it says it waits (a fixed sleep could land in its
+  # imports on a loaded machine); the 300 s wait would outlast the timeout.
+  lines = []
+  while not any('Waiting at' in line for line in lines[-1:]):
+    lines.append(waiting.stdout.readline())
+    assert lines[-1], ''.join(lines)
   waiting.send_signal(signal.SIGINT)
-  output = waiting.communicate(timeout=30)[0]
+  output = ''.join(lines) + waiting.communicate(timeout=200)[0]
   assert waiting.returncode == 130, output
   assert output.splitlines()[-1] == 'error: interrupted (Ctrl-C).'

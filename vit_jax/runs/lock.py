@@ -56,26 +56,58 @@ def _read(fd: int) -> dict:
   return record if isinstance(record, dict) else {}
 
 
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+  try:
+    on_disk = os.lstat(path)
+  except FileNotFoundError:
+    return False
+  held = os.fstat(fd)
+  return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
 class WorkdirLock:
   """`with WorkdirLock(workdir) as lock:`; `lock.previous` is a dead holder's record.
 
   `lock_path` puts the lock file elsewhere, for a folder that is replaced
-  whole (an export folder: its lock lies beside it, `.NAME.lock`);
-  `other` is the flag the busy message suggests changing.
+  whole (an export folder: its lock lies beside it, `.NAME.lock`, and is
+  removed on release, `transient`); `other` is the flag the busy message
+  suggests changing.
   """
 
   def __init__(self, workdir: str | os.PathLike,
                lock_path: str | os.PathLike | None = None,
-               other: str = '--workdir'):
+               other: str = '--workdir', transient: bool = False):
     self.folder = pathlib.Path(workdir)
     self.path = pathlib.Path(lock_path or self.folder / LOCK_NAME)
     self._other = other
+    self._transient = transient
     self._fd: int | None = None
     self.previous: dict = {}
 
   def acquire(self) -> 'WorkdirLock':
     """Takes the lock or raises WorkdirBusyError naming the live holder
     (files.UnsafeFileError if LOCK is a link, a directory or a device)."""
+    while True:
+      fd = self._open_and_lock()
+      # A transient lock file may have been removed by its holder between our
+      # open and our flock: then we hold a lock nobody else can see; retry.
+      if not self._transient or _same_file(fd, self.path):
+        break
+      os.close(fd)
+    # A record left behind means its holder ended without releasing: killed.
+    self.previous = _read(fd)
+    self._fd = fd
+    try:
+      os.ftruncate(fd, 0)
+      os.lseek(fd, 0, os.SEEK_SET)
+      os.write(fd, (json.dumps(_record()) + '\n').encode('utf-8'))
+      os.fsync(fd)
+    except BaseException:  # a full disk: released (and removed) at once
+      self.release()
+      raise
+    return self
+
+  def _open_and_lock(self) -> int:
     fd = files.open_regular(self.path, os.O_RDWR | os.O_CREAT)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -89,22 +121,19 @@ class WorkdirLock:
     except OSError:
       os.close(fd)
       raise
-    # A record left behind means its holder ended without releasing: killed.
-    self.previous = _read(fd)
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(_record()) + '\n').encode('utf-8'))
-    os.fsync(fd)
-    self._fd = fd
-    return self
+    return fd
 
   def release(self) -> None:
     if self._fd is None:
       return
     try:
-      # The file stays, emptied: were it deleted, a run that had opened the old
-      # file and a run creating a new one could both hold "the" lock.
-      os.ftruncate(self._fd, 0)
+      if self._transient:
+        # Removed while still held; a taker checks it locked the file that
+        # is at the path (acquire), so no two hold "the" lock.
+        self.path.unlink(missing_ok=True)
+      else:
+        # The workdir's LOCK stays, emptied: a reader sees no holder.
+        os.ftruncate(self._fd, 0)
     finally:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)

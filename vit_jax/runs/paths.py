@@ -25,14 +25,36 @@ def is_workdir(path: str | os.PathLike) -> bool:
   return pathlib.Path(path, CHECKPOINTS).exists()
 
 
-def prepare_for_writing(workdir: str | os.PathLike) -> pathlib.Path:
-  """Creates `workdir` if needed; WorkdirError if it cannot hold a run."""
+def _check_creatable(path: pathlib.Path, workdir) -> None:
+  """WorkdirError if `path` (missing) could not be created, found without
+  creating anything: from its nearest existing ancestor."""
+  parent = path.absolute().parent
+  while not parent.exists():
+    parent = parent.parent
+  why = ('Read-only file system'
+         if os.statvfs(parent).f_flag & os.ST_RDONLY else
+         f'{parent} is not a directory' if not parent.is_dir() else
+         'Permission denied' if not os.access(parent, os.W_OK | os.X_OK)
+         else None)
+  if why:
+    raise WorkdirError(f'--workdir={workdir} cannot be created: {why}.')
+
+
+def prepare_for_writing(workdir: str | os.PathLike,
+                        create: bool = True) -> pathlib.Path:
+  """Creates `workdir` if needed; WorkdirError if it cannot hold a run.
+
+  `create=False` only checks what can be checked without writing (a new
+  workdir is then created by a later call, once the run is accepted)."""
   if not os.fspath(workdir).strip():
     raise WorkdirError('--workdir is empty; name the directory for the run\'s '
                        'checkpoints and metrics, e.g. --workdir=runs/vit.')
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     raise WorkdirError(f'--workdir={workdir} is a file, not a directory.')
+  if not create and not path.exists():
+    _check_creatable(path, workdir)
+    return path
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:

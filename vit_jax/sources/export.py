@@ -223,7 +223,7 @@ def write_export(source: base.Source, output: str | os.PathLike, name: str, *,
   # One writer per export folder: a second export into it at the same time
   # would report success for a folder that then holds the first one's model.
   with lock.WorkdirLock(output, output.parent / f'.{output.name}.lock',
-                        other='--output'):
+                        other='--output', transient=True):
     return _write_locked(source, output, name, formats, bfloat16, platforms,
                          flat, dtype)
 

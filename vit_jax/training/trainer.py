@@ -143,12 +143,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir, and ValueError subclasses for bad input, before compiling.
   """
   with setup_lib.before_compiling():
-    workdir = paths.prepare_for_writing(workdir)
+    paths.prepare_for_writing(workdir, create=False)
     setup = setup_lib.create_setup(config)
     # Its datasets and splits are checked with the run's own: before the
     # workdir is locked or written.
     fewshot = fewshot_lib.from_config(config, setup.model, setup.mesh,
                                       setup.image_size)
+    # Created only now: a refused config leaves no empty workdir behind.
+    workdir = paths.prepare_for_writing(workdir)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:
       lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
@@ -164,17 +166,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    '--workdir to train again): %s',
                    progress_lib.result_line(finished))
       return finished
+    _log_start(setup, workdir)
+    # Compiled and its memory checked before the run writes anything but its
+    # lock: a run that cannot fit leaves the workdir as it found it.
+    abstract, shardings = programs.abstract_train_state(setup)
+    compiled_step = _compile_checked(setup, abstract, shardings)
     if jax.process_index() == 0:
       files.write_json(workdir / paths.CONFIG, setup_lib.resolved_config(setup))
-    _log_start(setup, workdir)
-    # Watch SIGTERM from the start: a preemption during compilation still
-    # gets its checkpoint, after the first step.
     preemption = stack.enter_context(guards.PreemptionWatcher())
     writer = stack.enter_context(progress_lib.MetricWriter(
         workdir, enabled=jax.process_index() == 0))
     ckpt = stack.enter_context(state_checkpoint.StateCheckpointer(
         workdir / paths.CHECKPOINTS, max_to_keep=config.keep_checkpoints))
-    return _train_loop(setup, workdir, preemption, writer, ckpt, fewshot)
+    return _train_loop(setup, workdir, preemption, writer, ckpt, fewshot,
+                       abstract, compiled_step)
 
 
 def _log_start(setup: setup_lib.Setup, workdir: pathlib.Path) -> None:
@@ -231,12 +236,11 @@ def _train_loop(setup: setup_lib.Setup, workdir: pathlib.Path,
                 preemption: guards.PreemptionWatcher,
                 writer: progress_lib.MetricWriter,
                 ckpt: state_checkpoint.StateCheckpointer,
-                fewshot: fewshot_lib.FewShotEvaluator | None
+                fewshot: fewshot_lib.FewShotEvaluator | None,
+                abstract: state_lib.State, compiled_step
                 ) -> dict[str, Any]:
   config = setup.config
   examples_seen, history = 0, None
-  abstract, shardings = programs.abstract_train_state(setup)
-  compiled_step = _compile_checked(setup, abstract, shardings)
   with setup_lib.before_compiling():
     if ckpt.latest_step() is not None:
       # Restored straight onto the devices: no initial state is built first.
