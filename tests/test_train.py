@@ -148,6 +148,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_resumable(tfds_data_dir,
      r'eval_batch_size=12 must be divisible by the 8 devices'),
     ({'eval_resize': 'crop'}, r"config.eval_resize: Unknown value 'crop'"),
     ({'eval_split': 'tset'}, r"Unknown or invalid split 'tset'"),
+    ({'dataset': ''}, r"config.dataset='' names no dataset"),
     ({'eval_split': 'test[:0]'}, r"Split 'test\[:0\]' of dataset 'cifar10' "
      r'holds no examples'),
     ({'pretrained.path': '/nonexistent/ViT-B_16.npz'},

@@ -98,6 +98,10 @@ def _all_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]
 
 def check(config: ml_collections.ConfigDict) -> None:
   """ConfigError for the first value that cannot work (module docstring)."""
+  if not isinstance(config.dataset, str) or not config.dataset.strip():
+    raise ConfigError(f'config.dataset={config.dataset!r} names no dataset; '
+                      'give a TFDS name (e.g. cifar10, imagenet2012) or '
+                      'imagefolder:PATH.')
   # Model: sizes, rates and choices are checked by the model itself.
   try:
     models.create_model(config.model_name, 1,
