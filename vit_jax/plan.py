@@ -1,4 +1,4 @@
-"""Plans a training run on a TPU slice, without a TPU.
+"""Plans a training run on a TPU slice or GPU hosts, without them.
 
     python -m vit_jax.plan --config=configs/X.py:args --topology=v3:8x8
         [--mode=train|eval|infer] [--json=FILE] [--num_classes=N]
@@ -6,14 +6,18 @@
 
 Builds what `python -m vit_jax.main` would build for the config (same model,
 mesh rules, state shardings, optimizer and step), compiles it for the slice
-with libtpu (`pip install "vit_jax[tpu]"`) and reports memory per device
-against the chip's HBM (fits / does not fit, with a change that does),
-FLOPs, the compiler's time bound as images/s per chip and MFU, the
-collectives and the compile time (`vit_jax.planning`). The dataset is not
-read: presets give its classes (else --num_classes). Topologies are
+with libtpu (`pip install "vit_jax[tpu]"`) or for the GPUs with the CUDA
+plugin (`pip install "vit_jax[cuda]"`) and reports memory per device against
+its HBM (fits / does not fit, with a change that does), FLOPs, a time bound
+as images/s per device and MFU (TPU: the compiler's; GPU: a roofline), the
+collectives, the custom calls (GPU), the host CPU cores the input pipeline
+needs at the bound and the compile time (`vit_jax.planning`). The dataset is
+not read: presets give its classes (else --num_classes). TPU topologies are
 <generation>:<chips per dimension>: v2:2x2, v3:8x8, v4:4x4x4, v5e:16x16,
-v5p:8x8x8, v6e:16x16, ... Exit status 2 for a bad flag, config, topology or
-a missing libtpu, one `error:` line.
+v5p:8x8x8, v6e:16x16, ...; GPU ones <gpu>:[<hosts>x]<GPUs per host>:
+h100:8, h100:4x8, a100-40g:8, a100-80g:8, h200:8, b200:8, l4:1. Exit status 2
+for a bad flag, config, topology or a missing libtpu / CUDA plugin, one
+`error:` line.
 """
 import os
 import sys
@@ -30,7 +34,8 @@ from vit_jax.cli import configs  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/pretrain.py:cifar10',
     lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice, e.g. v3:8x8.')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice or GPU hosts, '
+                                'e.g. v3:8x8, h100:8, h100:4x8.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'infer'],
                           'Which program to compile.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the plan here (JSON).')
@@ -51,6 +56,7 @@ def main(argv: list[str]) -> None:
   cli.require('config', 'topology')
   from vit_jax.base import files  # pylint: disable=g-import-not-at-top
   from vit_jax.planning import plan  # pylint: disable=g-import-not-at-top
+  from vit_jax.planning import report  # pylint: disable=g-import-not-at-top
   try:
     result = plan.make_plan(_CONFIG.value, _TOPOLOGY.value, mode=_MODE.value,
                             num_classes=_NUM_CLASSES.value,
@@ -58,7 +64,7 @@ def main(argv: list[str]) -> None:
                             unrolled_cost=_UNROLLED_COST.value)
   except ValueError as e:  # topology, config, mesh: before compiling
     raise cli.UsageError(str(e)) from None
-  print(plan.report(result))
+  print(report.report(result))
   if _JSON.value:
     files.write_json(_JSON.value, result)
 

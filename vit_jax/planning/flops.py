@@ -3,10 +3,13 @@
 XLA's cost analysis counts the body of a while loop once, however often it
 runs, so a program with scanned layers or gradient accumulation reports a
 fraction of its FLOPs. Counting the program's jaxpr knows every `scan`'s
-length: `matmul_flops(jaxpr)` is the global count (dot_general and
-convolutions, 2 FLOPs per multiply-add, rematerialised recomputation
-included), and `loop_factor` the ratio by which a once-per-loop count
-falls short.
+length: `matmul_flops(jaxpr)` is the global count (dot_general,
+convolutions and cuDNN fused attention, 2 FLOPs per multiply-add,
+rematerialised recomputation included), and `loop_factor` the ratio by
+which a once-per-loop count falls short. cuDNN attention counts as the two
+products it fuses forward (q k^T and the weighted values) and four backward,
+as XLA attention's matmuls count, at the token lengths it is given (padded
+ones included: that work is done).
 """
 import math
 from typing import Any
@@ -34,6 +37,24 @@ def _conv_flops(eqn) -> int:
   return 2 * math.prod(out) * in_features * spatial
 
 
+# cuDNN fused attention (jax.nn.dot_product_attention(implementation='cudnn'))
+# traced: its products, in multiples of one q k^T.
+_ATTENTION_PRODUCTS = {'dot_product_attention_fwd_wrapper': 2,
+                       'dot_product_attention_bwd_wrapper': 4}
+
+
+def _attention_flops(eqn) -> int:
+  query, key = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  if 'BNTH' in str(eqn.params.get('layout')):
+    batch, heads, q_len, dim = query
+    kv_len = key[2]
+  else:  # BTNH
+    batch, q_len, heads, dim = query
+    kv_len = key[1]
+  return (_ATTENTION_PRODUCTS[eqn.primitive.name]
+          * 2 * batch * heads * q_len * kv_len * dim)
+
+
 def _sub_jaxprs(eqn) -> list[Any]:
   found = []
   for key in _CALL_PARAMS:
@@ -58,6 +79,8 @@ def matmul_flops(jaxpr, count_loops: bool = True) -> int:
       total += _dot_flops(eqn)
     elif name == 'conv_general_dilated':
       total += _conv_flops(eqn)
+    elif name in _ATTENTION_PRODUCTS:
+      total += _attention_flops(eqn)
     subs = _sub_jaxprs(eqn)
     if not subs:
       continue

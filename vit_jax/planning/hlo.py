@@ -14,10 +14,18 @@ the bytes of their results (what each device receives), as XLA left them:
     channel id);
   * XLA:TPU writes a reduce-scatter as a fusion that calls an
     `all-reduce-scatter` computation: counted as the reduce-scatter it is.
+
+Each kind also says how many of its runs have a device group that spans
+more than one host (`cross_host`: over the network between GPU hosts or
+TPU hosts, not only NVLink / ICI within one), and its largest group, from
+the replica groups in every format XLA prints (`replica_groups`).
 """
+from collections.abc import Sequence
 import dataclasses
 import math
 import re
+
+import numpy as np
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
          'collective-permute')
@@ -29,13 +37,20 @@ _HEADER = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$')
 _INSTRUCTION = re.compile(
     r'^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
-_CALLS = re.compile(
+CALLS = re.compile(
     r'\b(calls|to_apply|body|condition|true_computation|false_computation)='
     r'%?([\w.\-]+)')
-_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
 _CHANNEL = re.compile(r'channel_id=(\d+)')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONSTANT = re.compile(r'constant\((\d+)\)')
+_EXPLICIT_GROUPS = re.compile(r'replica_groups=\{((?:\{[\d,]*\},?)*)\}')
+_IOTA_GROUPS = re.compile(
+    r'replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
+    r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}")
+_PAIRS = re.compile(r'source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}')
 
 
 @dataclasses.dataclass
@@ -44,10 +59,12 @@ class Collective:
   kind: str
   count: int = 0
   bytes: int = 0
+  cross_host: int = 0  # runs whose device group spans hosts
+  largest_group: int = 0
 
 
 @dataclasses.dataclass
-class _Instruction:
+class Instruction:
   name: str
   shape: str
   opcode: str
@@ -63,7 +80,8 @@ def shape_bytes(shape: str) -> int:
   return total
 
 
-def _computations(text: str) -> tuple[dict[str, list[_Instruction]], str]:
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation: its instructions}, the entry's name) of an HLO module."""
   computations, entry, current = {}, None, None
   for line in text.splitlines():
     header = _HEADER.match(line)
@@ -77,45 +95,53 @@ def _computations(text: str) -> tuple[dict[str, list[_Instruction]], str]:
       continue
     match = _INSTRUCTION.match(line) if current is not None else None
     if match:
-      current.append(_Instruction(*match.groups()))
+      current.append(Instruction(*match.groups()))
   if entry is None:
     raise ValueError('No ENTRY computation in the HLO text.')
   return computations, entry
 
 
-def _trip_count(instruction: _Instruction,
-                computations: dict[str, list[_Instruction]]) -> int:
+def trip_count(instruction: Instruction,
+               computations: dict[str, list[Instruction]]) -> int:
+  """How often a while loop runs its body."""
   known = _TRIP.search(instruction.rest)
   if known:
     return int(known.group(1))
-  condition = dict(_CALLS.findall(instruction.rest)).get('condition')
+  condition = dict(CALLS.findall(instruction.rest)).get('condition')
   bounds = [int(c) for i in computations.get(condition, [])
             if i.opcode == 'constant' for c in _CONSTANT.findall(
                 i.opcode + '(' + i.rest)]
   return max(bounds) if bounds else 1
 
 
-def _tuple_elements(shape: str) -> list[str]:
-  """The top-level elements of a tuple shape '(a, (b, c), d)'."""
-  elements, depth, start = [], 0, 1
-  for i, char in enumerate(shape):
+def split_list(text: str) -> list[str]:
+  """The top-level items of 'a, (b, c), d)...': split at commas outside
+  brackets, up to the first unmatched closing bracket (an instruction's
+  operand list, or a tuple shape without its opening parenthesis)."""
+  items, depth, start = [], 0, 0
+  for i, char in enumerate(text):
     if char in '([{':
       depth += 1
     elif char in ')]}':
+      if depth == 0:
+        break
       depth -= 1
-    if (char == ',' and depth == 1) or (char == ')' and depth == 0):
-      elements.append(shape[start:i].strip())
+    elif char == ',' and depth == 0:
+      items.append(text[start:i].strip())
       start = i + 1
-  return elements
+  else:
+    i = len(text)
+  tail = text[start:i].strip()
+  return items + ([tail] if tail else [])
 
 
-def _result_shape(instruction: _Instruction) -> str:
+def result_shape(instruction: Instruction) -> str:
   """The received data: an async all-gather / permute / all-to-all start is
   typed (operands, results[, context]); its results are what arrives."""
   kind = _kind(instruction.opcode)
   if (instruction.opcode.endswith('-start') and kind != 'all-reduce'
       and instruction.shape.startswith('(')):
-    elements = _tuple_elements(instruction.shape)
+    elements = split_list(instruction.shape[1:])
     if len(elements) >= 2:
       return elements[1]
   return instruction.shape
@@ -126,9 +152,72 @@ def _kind(opcode: str) -> str | None:
   return base if base in KINDS else None
 
 
-def collectives(hlo_text: str) -> dict[str, Collective]:
-  """{kind: Collective} per device per step of the optimized HLO module."""
-  computations, entry = _computations(hlo_text)
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(',') if x]
+
+
+def _iota(dims: list[int], perm: list[int] | None) -> np.ndarray:
+  """XLA's iota device list: arange reshaped to `dims`, transposed by
+  `perm`, flattened."""
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  return (ids.transpose(perm) if perm else ids).ravel()
+
+
+def replica_groups(rest: str) -> list[list[int]] | None:
+  """The device groups (logical ids) of a collective; [] for one group of
+  all devices, None when none is written."""
+  pairs = _PAIRS.search(rest)
+  if pairs:
+    return [_ints(p) for p in re.findall(r'\{([\d,]+)\}', pairs.group(1))]
+  explicit = _EXPLICIT_GROUPS.search(rest)
+  if explicit:
+    return [_ints(g) for g in re.findall(r'\{([\d,]*)\}', explicit.group(1))
+            if g]
+  iota = _IOTA_GROUPS.search(rest)
+  if iota:
+    shape = _ints(iota.group(1))
+    ids = _iota(_ints(iota.group(2)),
+                _ints(iota.group(3)) if iota.group(3) else None)
+    return ids.reshape(-1, shape[-1]).tolist()
+  mesh = _MESH_GROUPS.search(rest)
+  if mesh:
+    # Devices laid out on named mesh axes; a group varies the braced axes.
+    axes = [(name.strip("'"), int(size)) for name, size in
+            (a.split('=') for a in mesh.group(1).split(','))]
+    sizes = [size for _, size in axes]
+    ids = (_iota(_ints(mesh.group(2)), _ints(mesh.group(3))
+                 if mesh.group(3) else None) if mesh.group(2)
+           else np.arange(math.prod(sizes))).reshape(sizes)
+    chosen = [i for i, (name, _) in enumerate(axes)
+              if f"'{name}'" in mesh.group(4)]
+    rest_axes = [i for i in range(len(axes)) if i not in chosen]
+    group = math.prod(sizes[i] for i in chosen)
+    return ids.transpose(rest_axes + chosen).reshape(-1, group).tolist()
+  return None
+
+
+def _group_stats(rest: str, process_of: Sequence[int] | None
+                 ) -> tuple[bool, int]:
+  """(whether a group spans hosts, the largest group's size)."""
+  groups = replica_groups(rest)
+  if groups is None:
+    return False, 0
+  if not groups:  # one group: every device
+    groups = [list(range(len(process_of or [0])))]
+  largest = max(len(g) for g in groups)
+  if process_of is None:
+    return False, largest
+  return any(len({process_of[d] for d in g}) > 1 for g in groups), largest
+
+
+def collectives(hlo_text: str, process_of: Sequence[int] | None = None
+                ) -> dict[str, Collective]:
+  """{kind: Collective} per device per step of the optimized HLO module.
+
+  `process_of[i]`: the host (process index) of the program's logical device
+  i (the mesh's devices in order), to tell collectives across hosts.
+  """
+  computations, entry = parse(hlo_text)
   found = {kind: Collective(kind) for kind in KINDS}
   seen_channels: set[tuple[str, str, int]] = set()
 
@@ -136,9 +225,9 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
     if name in path:  # recursion guard
       return
     for instruction in computations.get(name, []):
-      calls = _CALLS.findall(instruction.rest)
+      calls = CALLS.findall(instruction.rest)
       callees = [c for key, c in calls if key != 'to_apply']
-      branches = _BRANCHES.search(instruction.rest)
+      branches = BRANCHES.search(instruction.rest)
       if branches:
         callees += [b.strip().lstrip('%') for b in branches.group(1).split(',')]
       kind = _kind(instruction.opcode)
@@ -153,12 +242,15 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
         if key not in seen_channels:
           seen_channels.add(key)
           found[kind].count += times
-          found[kind].bytes += times * shape_bytes(_result_shape(instruction))
+          found[kind].bytes += times * shape_bytes(result_shape(instruction))
+          crosses, largest = _group_stats(instruction.rest, process_of)
+          found[kind].cross_host += times if crosses else 0
+          found[kind].largest_group = max(found[kind].largest_group, largest)
         if scatter:
           continue  # its inner all-reduce is this reduce-scatter
       if instruction.opcode == 'while':
         body = dict(calls).get('body')
-        trips = _trip_count(instruction, computations)
+        trips = trip_count(instruction, computations)
         visit(body, times * trips, path + (name,))
         continue
       for callee in callees:

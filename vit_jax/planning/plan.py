@@ -1,24 +1,31 @@
-"""A run planned on a TPU slice it has never seen: compiled there, measured.
+"""A run planned on a TPU slice or GPU hosts it has never seen: compiled there.
 
-`make_plan(config, 'v3:8x8')` builds exactly what `python -m vit_jax.main`
-builds for `config` (the same Setup: model, mesh rules, state shardings,
-optimizer, and the same jitted step from `training.programs`) on the
-devices of the slice, compiles it ahead of time there and reads back:
+`make_plan(config, 'v3:8x8')` (or 'h100:4x8') builds exactly what
+`python -m vit_jax.main` builds for `config` (the same Setup: model, mesh
+rules, state shardings, optimizer, and the same jitted step from
+`training.programs`) on the devices of the slice or hosts, compiles it ahead
+of time there and reads back:
 
   * memory per device (arguments, outputs, temporaries; total = arguments +
-    outputs - donated + temporaries) against the chip's HBM, and a verdict;
-    when it does not fit, the remat / FSDP / accumulation change that does,
-    itself compiled and checked;
-  * FLOPs per device and the compiler's `optimal_seconds`, the images/s per
-    device and per chip that bound implies, and at that bound the MFU (the
-    model's matmul FLOPs, without rematerialised recomputation) and the HFU
-    (every FLOP XLA runs) against the chip's bf16 peak. XLA's cost analysis counts the body of a loop once, so a
-    program with loops (scanned layers, gradient accumulation) takes these
-    from its unrolled twin (scan_layers=False, accum_steps=1: the same work
-    per step), compiled beside it; without the twin (`unrolled_cost=False`)
-    the FLOPs are scaled by the loop factor (`flops.loop_factor`) and no time
-    bound is given;
+    outputs - donated + temporaries) against the device's usable memory, and
+    a verdict; when it does not fit, the remat / FSDP / accumulation change
+    that does, itself compiled and checked;
+  * FLOPs per device and a time bound for the step, the images/s per device
+    and per chip it implies, and at that bound the MFU (the model's matmul
+    FLOPs, without rematerialised recomputation) and the HFU (every FLOP
+    counted) against the bf16 peak. On TPUs the bound is the compiler's
+    `optimal_seconds` (`bound_source: 'compiler'`). XLA's cost analysis
+    counts the body of a loop once, so a program with loops (scanned layers,
+    gradient accumulation) takes these from its unrolled twin (scan_layers=
+    False, accum_steps=1: the same work per step), compiled beside it;
+    without the twin (`unrolled_cost=False`) the FLOPs are scaled by the
+    loop factor (`flops.loop_factor`) and no time bound is given. On GPUs
+    XLA gives no cost analysis: FLOPs are the traced program's matmuls (loops
+    counted) and the bound is a roofline (`bound_source: 'roofline'`): the
+    larger of FLOPs / bf16 peak and bytes moved / HBM bandwidth
+    (`kernels.bytes_moved`), with the custom calls the compiler chose;
   * the collectives per device and step (`hlo.collectives`);
+  * the host CPU cores the input pipeline needs at the bound (`host_input`);
   * lowering and compile time.
 """
 from collections.abc import Mapping
@@ -32,9 +39,11 @@ import jax
 import ml_collections
 
 from vit_jax.data import presets
-from vit_jax.planning import chips
 from vit_jax.planning import flops as flops_lib
 from vit_jax.planning import hlo
+from vit_jax.planning import host_input
+from vit_jax.planning import kernels
+from vit_jax.planning import roofline as roofline_lib
 from vit_jax.planning import topology as topology_lib
 from vit_jax.training import config as config_lib
 from vit_jax.training import programs
@@ -115,12 +124,18 @@ def _compile(setup: setup_lib.Setup, mode: str) -> dict[str, Any]:
     measured.update(
         memory=_Memory(arguments, donated, donated, int(temp)),
         hbm_available=float(need.group(3)) * _UNITS[need.group(4)],
-        cost={}, collectives=None, compile_s=time.time() - lowered_at)
+        cost={}, collectives=None, compile_s=time.time() - lowered_at,
+        bytes_moved=None, custom_calls=None)
   else:
-    memory = compiled.memory_analysis()
-    measured.update(memory=memory, cost=compiled.cost_analysis() or {},
-                    collectives=hlo.collectives(compiled.as_text()),
-                    compile_s=time.time() - lowered_at)
+    compile_s = time.time() - lowered_at
+    text = compiled.as_text()
+    measured.update(memory=compiled.memory_analysis(),
+                    cost=compiled.cost_analysis() or {},
+                    collectives=hlo.collectives(text, [
+                        d.process_index for d in setup.mesh.devices.flat]),
+                    compile_s=compile_s,
+                    bytes_moved=kernels.bytes_moved(text),
+                    custom_calls=kernels.custom_calls(text))
   memory = measured['memory']
   measured['total_bytes'] = (
       memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -159,32 +174,33 @@ def _candidates(config: ml_collections.ConfigDict, measured: dict,
           if estimate <= hbm]
 
 
-def _suggestion(config, tpu, info, mode, measured, hbm) -> dict | None:
+def _suggestion(config, hw, info, mode, measured, hbm) -> dict | None:
   """The first single change that, compiled, fits; None if none does."""
   tried = []
-  for change, _ in _candidates(config, measured, len(tpu.devices),
+  for change, _ in _candidates(config, measured, len(hw.devices),
                                hbm)[:_MAX_COMPILES_FOR_A_SUGGESTION]:
     try:
       setup = setup_lib.create_setup(
-          config_lib.with_overrides(config, change), info, tpu.devices)
+          config_lib.with_overrides(config, change), info, hw.devices)
     except ValueError:
       continue
     result = _compile(setup, mode)
-    tried.append(change)
     if result['total_bytes'] <= hbm:
       return {'overrides': change, 'flags': ' '.join(
           f'--config.{k}={v}' for k, v in change.items()),
-              'memory_gib': result['total_bytes'] / GIB, 'verified': True}
+              'memory_gib': result['total_bytes'] / GIB, 'verified': True,
+              'tried': tried}
+    tried.append({**change, 'memory_gib': result['total_bytes'] / GIB})
   return {'overrides': None, 'tried': tried, 'verified': False}
 
 
-def _model_flops(config, info, tpu, mode, setup, measured) -> float:
+def _model_flops(config, info, hw, mode, setup, measured) -> float:
   """Matmul FLOPs per device of the step without rematerialisation: what
   MFU counts (the recomputation a remat policy adds is the hardware's work,
   not the model's)."""
   if (config.model.remat_policy or 'none') != 'none':
     plain = setup_lib.create_setup(config_lib.with_overrides(
-        config, {'model.remat_policy': 'none'}), info, tpu.devices)
+        config, {'model.remat_policy': 'none'}), info, hw.devices)
     fn, args, _ = _program(plain, mode)
     total, _ = flops_lib.loop_factor(fn, *args)
   else:
@@ -192,33 +208,15 @@ def _model_flops(config, info, tpu, mode, setup, measured) -> float:
   return total / setup.mesh.devices.size
 
 
-def make_plan(config: ml_collections.ConfigDict, topology: str, *,
-              mode: str = 'train', num_classes: int | None = None,
-              suggest: bool = True, unrolled_cost: bool = True
-              ) -> dict[str, Any]:
-  """The plan of `config` on TPU slice `topology` (module docstring).
-
-  Raises topology.TopologyError (unknown slice, no libtpu) and ValueError
-  (a config that cannot run there, e.g. a mesh the slice cannot hold).
-  """
-  if mode not in MODES:
-    raise ValueError(f'mode={mode!r}; allowed: {", ".join(MODES)}.')
-  tpu = topology_lib.slice_devices(topology)
-  chip = chips.chip(tpu.device_kind)
-  info = dataset_info(config, num_classes)
-  setup = setup_lib.create_setup(config, info, tpu.devices)
-  measured = _compile(setup, mode)
-  memory = measured['memory']
-  per_chip = tpu.devices_per_chip
-  hbm = chip.hbm_bytes // per_chip
-  peak = chip.bf16_tflops * 1e12 / per_chip
+def _compiler_bound(config, info, hw, mode, measured, mesh_devices,
+                    unrolled_cost) -> tuple[float, str, float | None]:
+  """(FLOPs per device, where from, optimal seconds) from XLA:TPU's cost."""
   loops = measured['loop_factor']
-  mesh_devices = setup.mesh.devices.size
   cost, cost_from = measured['cost'], 'this program'
   if loops > 1.001 and unrolled_cost:
     twin = setup_lib.create_setup(config_lib.with_overrides(
         config, {'model.scan_layers': False, 'accum_steps': 1}), info,
-                                  tpu.devices)
+                                  hw.devices)
     cost = _compile(twin, mode)['cost']
     cost_from = 'its unrolled twin (scan_layers=False, accum_steps=1)'
     loops = 1.0
@@ -231,14 +229,51 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, *,
   optimal = cost.get('optimal_seconds', -1.0)
   # Non-positive: XLA's "no estimate"; with loops left: counted once, wrong.
   optimal = optimal if optimal and optimal > 0 and loops == 1.0 else None
+  return flops, cost_from, optimal
+
+
+def make_plan(config: ml_collections.ConfigDict, topology: str, *,
+              mode: str = 'train', num_classes: int | None = None,
+              suggest: bool = True, unrolled_cost: bool = True
+              ) -> dict[str, Any]:
+  """The plan of `config` on TPU slice or GPU hosts `topology` (module
+  docstring).
+
+  Raises topology.TopologyError (unknown topology, no libtpu or CUDA plugin)
+  and ValueError (a config that cannot run there, e.g. a mesh it cannot
+  hold).
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r}; allowed: {", ".join(MODES)}.')
+  hw = topology_lib.slice_devices(topology)
+  device = roofline_lib.device_figures(hw)
+  info = dataset_info(config, num_classes)
+  setup = setup_lib.create_setup(config, info, hw.devices)
+  measured = _compile(setup, mode)
+  memory = measured['memory']
+  per_chip = hw.devices_per_chip
+  hbm, peak = device['hbm'], device['peak']
+  mesh_devices = setup.mesh.devices.size
+  roofline = None
+  if hw.platform == 'cuda':
+    flops = measured['program_flops'] / mesh_devices
+    roofline = roofline_lib.roofline(flops, measured['bytes_moved'], device)
+    cost_from = 'the traced program (matmuls, loops counted)'
+    optimal = max(roofline['compute_s'], roofline['memory_s'])
+  else:
+    flops, cost_from, optimal = _compiler_bound(
+        config, info, hw, mode, measured, mesh_devices, unrolled_cost)
   per_device_images = measured['images'] / mesh_devices
   images_bound = per_device_images / optimal if optimal else None
-  model_flops = _model_flops(config, info, tpu, mode, setup, measured)
+  model_flops = _model_flops(config, info, hw, mode, setup, measured)
   fits = measured['total_bytes'] <= hbm
+  per_host = (images_bound * len(hw.devices) / hw.num_hosts
+              if images_bound else None)
   result = {
-      'topology': topology, 'mode': mode, 'device_kind': tpu.device_kind,
-      'chip': chip.name, 'num_devices': len(tpu.devices),
-      'num_chips': tpu.num_chips, 'num_hosts': tpu.num_hosts,
+      'topology': topology, 'mode': mode, 'device_kind': hw.device_kind,
+      'platform': hw.platform, 'chip': device['chip'],
+      'num_devices': len(hw.devices),
+      'num_chips': hw.num_chips, 'num_hosts': hw.num_hosts,
       'devices_per_chip': per_chip, 'mesh': dict(setup.mesh.shape),
       'model': config.model_name, 'image_size': list(setup.image_size),
       'global_batch': measured['images'],
@@ -249,75 +284,33 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, *,
           'donated': memory.alias_size_in_bytes / GIB,
           'temporaries': memory.temp_size_in_bytes / GIB,
           'total': measured['total_bytes'] / GIB},
-      'hbm_gib': hbm / GIB, 'fits': fits,
+      'hbm_gib': hbm / GIB, 'hbm_physical_gib': device['hbm_physical'] / GIB,
+      'fits': fits,
       'short_gib': max(measured['total_bytes'] - hbm, 0) / GIB,
       'flops_per_device': flops, 'loop_factor': measured['loop_factor'],
       'cost_from': cost_from,
+      'bound_source': 'roofline' if roofline else 'compiler',
+      'roofline': roofline,
       'optimal_seconds': optimal,
       'images_per_s_per_device_bound': images_bound,
       'images_per_s_per_chip_bound': (images_bound * per_chip
                                       if images_bound else None),
       'peak_tflops_per_device': peak / 1e12,
+      'figures_source': device['source'],
       'model_flops_per_device': model_flops,
       'mfu_at_bound': model_flops / (optimal * peak) if optimal else None,
       'hfu_at_bound': flops / (optimal * peak) if optimal else None,
-      'collectives': ({kind: {'count': c.count, 'bytes_per_device': c.bytes}
+      'collectives': ({kind: {'count': c.count, 'bytes_per_device': c.bytes,
+                              'cross_host': c.cross_host,
+                              'largest_group': c.largest_group}
                        for kind, c in measured['collectives'].items()}
                       if measured['collectives'] is not None else None),
+      'custom_calls': measured['custom_calls'],
+      'host_input': host_input.host_feed(config, mode, setup.image_size[0],
+                                         per_host),
       'lower_s': measured['lower_s'], 'compile_s': measured['compile_s'],
       'suggestion': None,
   }
   if not fits and suggest:
-    result['suggestion'] = _suggestion(config, tpu, info, mode, measured, hbm)
+    result['suggestion'] = _suggestion(config, hw, info, mode, measured, hbm)
   return result
-
-
-def report(plan: Mapping[str, Any]) -> str:
-  """The plan as lines a person reads."""
-  memory = plan['memory_gib']
-  mesh = ' x '.join(f'{k} {v}' for k, v in plan['mesh'].items())
-  lines = [
-      f'{plan["model"]} {plan["mode"]} at {plan["image_size"][0]}x'
-      f'{plan["image_size"][1]} on {plan["topology"]}: {plan["num_devices"]} '
-      f'{plan["device_kind"]} devices ({plan["num_chips"]} chips, '
-      f'{plan["num_hosts"]} host{"s" if plan["num_hosts"] != 1 else ""}), '
-      f'mesh {mesh}',
-      f'  batch {plan["global_batch"]} global, {plan["per_device_batch"]:g} '
-      'per device',
-      f'  memory per device: {memory["total"]:.2f} GiB of {plan["hbm_gib"]:.2f}'
-      f' GiB HBM (arguments {memory["arguments"]:.2f}, outputs '
-      f'{memory["outputs"]:.2f}, donated {memory["donated"]:.2f}, temporaries '
-      f'{memory["temporaries"]:.2f}): '
-      + ('fits' if plan['fits'] else
-         f'does not fit by {plan["short_gib"]:.2f} GiB')]
-  suggestion = plan.get('suggestion')
-  if suggestion and suggestion.get('verified'):
-    lines.append(f'  fits with {suggestion["flags"]} '
-                 f'({suggestion["memory_gib"]:.2f} GiB per device, compiled)')
-  elif suggestion:
-    lines.append('  no single remat / FSDP / accumulation change tried '
-                 f'({suggestion["tried"]}) fits: lower the batch or use a '
-                 'larger slice')
-  bound = plan['images_per_s_per_device_bound']
-  lines.append(
-      f'  {plan["flops_per_device"] / 1e12:.3f} TFLOP per device per step'
-      + (f' (from {plan["cost_from"]})'
-         if plan['cost_from'] != 'this program' else
-         f' (x{plan["loop_factor"]:.2f} for loops XLA counts once)'
-         if plan['loop_factor'] > 1.001 else '')
-      + (f'; compiler bound {plan["optimal_seconds"] * 1e3:.1f} ms: '
-         f'{bound:,.0f} images/s per device, '
-         f'{plan["images_per_s_per_chip_bound"]:,.0f} per chip, MFU '
-         f'{plan["mfu_at_bound"]:.0%} of {plan["peak_tflops_per_device"]:.1f}'
-         ' TFLOP/s' if bound else '; no compiler time estimate'))
-  if plan['collectives'] is None:
-    lines.append('  collectives: unknown (XLA refused to compile a program '
-                 'that does not fit)')
-  else:
-    used = {k: v for k, v in plan['collectives'].items() if v['count']}
-    lines.append('  collectives per device per step: ' + (', '.join(
-        f'{k} x{v["count"]} {v["bytes_per_device"] / 2**20:,.1f} MiB'
-        for k, v in used.items()) or 'none'))
-  lines.append(f'  lowered in {plan["lower_s"]:.1f} s, compiled in '
-               f'{plan["compile_s"]:.1f} s')
-  return '\n'.join(lines)
