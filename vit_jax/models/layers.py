@@ -12,10 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import attention
 from vit_jax.models import matmul
+from vit_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
-_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 ACTIVATIONS = ('gelu_tanh', 'gelu')
@@ -52,7 +53,9 @@ class MultiHeadDotProductAttention(nn.Module):
 
   `implementation='xla'` computes softmax(q k^T / sqrt(d)) v with a float32
   softmax and sows the attention weights (collection `intermediates`) for
-  inspection; `'cudnn'` calls cuDNN's fused flash attention.
+  inspection; `'cudnn'` calls cuDNN's fused flash attention on token axes
+  padded to lengths it accepts (`attention.padded_dot_product_attention`),
+  or warns and uses 'xla' where cuDNN cannot serve the call.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -60,19 +63,20 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _use_cudnn(self, deterministic: bool) -> bool:
+  def _use_cudnn(self, q: jax.Array, k: jax.Array,
+                 deterministic: bool) -> bool:
+    """cuDNN for this call, or a warning naming the case and why not (at
+    trace time, before anything compiles; `attention.py`)."""
     if self.implementation != 'cudnn':
       return False
-    reason = None
-    if jax.default_backend() != 'gpu':
-      reason = f'the {jax.default_backend()!r} backend has no cuDNN'
-    elif self.dtype not in _CUDNN_DTYPES:
-      reason = f'cuDNN flash attention needs bfloat16/float16, not {self.dtype}'
-    elif self.dropout_rate > 0 and not deterministic:
-      reason = 'cuDNN flash attention has no attention dropout'
+    reason = attention.cudnn_unavailable_reason(
+        q.shape, k.shape, self.dtype,
+        dropout=self.dropout_rate > 0 and not deterministic)
     if reason:
-      warnings.warn(f"attention implementation 'cudnn' unavailable ({reason}); "
-                    "using 'xla' attention instead.", stacklevel=2)
+      warnings.warn(
+          f"attention implementation 'cudnn' unavailable for "
+          f"{attention.describe(q.shape, k.shape, self.dtype)} ({reason}); "
+          "using 'xla' attention instead.", stacklevel=3)
       return False
     return True
 
@@ -89,8 +93,13 @@ class MultiHeadDotProductAttention(nn.Module):
     q = dense((self.num_heads, head_dim), name='query')(x)
     k, v = (dense((self.num_heads, head_dim), name=n)(keys)
             for n in ('key', 'value'))  # [batch, tokens, heads, d]
-    if self._use_cudnn(deterministic):
-      y = jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    if self._use_cudnn(q, k, deterministic):
+      # cuDNN's partitioner wants q, k, v split alike: the MAP head's probe
+      # (tiled from a parameter) is not batch-split like its keys.
+      q, k, v = (mesh_lib.constrain_to_batch(t) for t in (q, k, v))
+      # Token counts padded to what cuDNN takes (197 -> 198), padding masked.
+      y = attention.padded_dot_product_attention(q, k, v,
+                                                 implementation='cudnn')
     else:
       # Head-major copies before the batched matmuls: XLA:CPU runs a [b, h]
       # batch over strided [b, tokens, h, d] views at about half speed
@@ -134,12 +143,16 @@ class LayerScale(nn.Module):
 
 class MAPHead(nn.Module):
   """Multihead attention pooling (big_vision's MAPHead, timm's attn_pool):
-  a learned `probe` attends over the tokens, then x + MLP(LN(x))."""
+  a learned `probe` attends over the tokens, then x + MLP(LN(x)).
+
+  `attention_impl` 'cudnn': the 1-token probe is padded to 2 queries (and
+  the keys to an even count) for cuDNN, as every attention here."""
   num_heads: int
   mlp_dim: int
   activation: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,7 +161,8 @@ class MAPHead(nn.Module):
                        (1, 1, features), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
     y = MultiHeadDotProductAttention(
-        self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.num_heads, implementation=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype,
         name='MultiHeadDotProductAttention_0')(probe, True, keys=x)
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='LayerNorm_0')

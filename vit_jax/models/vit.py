@@ -306,7 +306,9 @@ class VisionTransformer(nn.Module):
       x = jnp.mean(patches, axis=1)
     elif self.classifier == 'map':
       x = layers.MAPHead(self.num_heads, self.mlp_dim, self.activation,
-                         self.dtype, self.param_dtype, name='MAPHead_0')(x)
+                         self.dtype, self.param_dtype,
+                         attention_impl=self.attention_impl,
+                         name='MAPHead_0')(x)
     if self.fc_norm:
       x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='fc_norm')(x)

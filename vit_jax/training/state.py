@@ -7,6 +7,7 @@ compile for.
 """
 from collections.abc import Callable
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,13 @@ def make_init_fn(objective: objectives.Objective,
   def init(rng: jax.Array, params=None) -> State:
     params_rng, state_rng = jax.random.split(rng)
     if params is None:
-      params = objective.init(params_rng, dummy)
+      with warnings.catch_warnings():
+        # Parameters do not depend on the attention implementation, and this
+        # one-image init runs off the mesh; whether cuDNN serves attention is
+        # said when the steps are traced on their mesh.
+        warnings.filterwarnings(
+            'ignore', message="attention implementation 'cudnn' unavailable")
+        params = objective.init(params_rng, dummy)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': tx.init(params),
             'rng': jax.random.key_data(state_rng)}
