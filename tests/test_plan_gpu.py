@@ -61,6 +61,18 @@ def test_a_tiny_plan_on_one_h100_host_has_sane_numbers():
 
 
 @needs_cuda_plugin
+def test_cudnn_attention_is_in_the_compiled_train_step_at_an_odd_token_count():
+  """The tiny model has 65 tokens (64 patches + class token): JAX's cuDNN
+  attention refuses odd lengths in training; padded and masked, the step
+  holds cuDNN's fused attention forward and backward, once per layer."""
+  result = _plan('h100:8', **{'model.attention_impl': 'cudnn'})
+  calls = result['custom_calls']
+  assert calls.get('__cudnn$fmhaSoftmax') == 4, calls
+  assert calls.get('__cudnn$fmhaSoftmaxBackward') == 4, calls
+  assert not any('fmha' in k for k in _plan('h100:8')['custom_calls'])
+
+
+@needs_cuda_plugin
 @pytest.mark.parametrize('fsdp,kind', [(1, 'all-reduce'),
                                        (16, 'reduce-scatter')])
 def test_gradients_cross_both_hosts_of_a_2x8_topology(fsdp, kind):
