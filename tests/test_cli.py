@@ -97,3 +97,16 @@ def test_library_chatter_is_filtered_and_our_warnings_kept():
   ours = record('/repo/vit_jax/runs/state_checkpoint.py', logging.WARNING,
                 'Step 2 waited 1.5 s for checkpoint 1 to finish writing')
   assert quiet.filter(ours)
+
+
+@pytest.mark.parametrize('program', ['evaluate', 'inspect'])
+def test_an_output_that_is_a_file_is_refused_before_any_work(program,
+                                                            tmp_path):
+  existing = tmp_path / 'notes.txt'
+  existing.write_text('mine\n')
+  result = _run('--model=/nonexistent', f'--output={existing}', str(tmp_path),
+                program=program)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith(
+      f'error: --output={existing} is a file; name a folder'), result.stderr
+  assert existing.read_text() == 'mine\n'

@@ -152,7 +152,12 @@ def _plan_cli(*args) -> subprocess.CompletedProcess:
      'batch_size=100 must be divisible by the 8 devices'),
     (['--topology=v3:2x2', '--config.dataset=imagenet21k'],
      "'imagenet21k' is no preset"),
-], ids=['host-shape', 'generation', 'mesh', 'batch', 'classes'])
+    (['--topology=v3:2x2', '--json=/tmp'], '--json=/tmp: name a file in an '
+     'existing folder'),
+    (['--topology=v3:2x2', '--mode=infer', '--config.objective='
+      'masked_patches'], "--mode=infer compiles a classifier's inference"),
+], ids=['host-shape', 'generation', 'mesh', 'batch', 'classes', 'json-dir',
+        'infer-mpp'])
 def test_bad_plans_are_one_usage_line(args, message):
   result = _plan_cli(*args)
   assert result.returncode == 2, result.stderr

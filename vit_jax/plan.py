@@ -57,6 +57,12 @@ def main(argv: list[str]) -> None:
   from vit_jax.base import files  # pylint: disable=g-import-not-at-top
   from vit_jax.planning import plan  # pylint: disable=g-import-not-at-top
   from vit_jax.planning import report  # pylint: disable=g-import-not-at-top
+  if _JSON.value:  # checked before the (minutes of) compiling
+    folder = os.path.dirname(os.path.abspath(_JSON.value))
+    if os.path.isdir(_JSON.value) or not os.path.isdir(folder):
+      raise cli.UsageError(f'--json={_JSON.value}: name a file in an existing '
+                           'folder (it is a directory, or its folder is '
+                           'missing).')
   try:
     result = plan.make_plan(_CONFIG.value, _TOPOLOGY.value, mode=_MODE.value,
                             num_classes=_NUM_CLASSES.value,

@@ -245,6 +245,11 @@ def make_plan(config: ml_collections.ConfigDict, topology: str, *,
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r}; allowed: {", ".join(MODES)}.')
+  objective = config.get('objective', 'classification')
+  if mode == 'infer' and objective != 'classification':
+    raise ValueError(f'--mode=infer compiles a classifier\'s inference; this '
+                     f'config trains with objective {objective!r} (no '
+                     'classifier head): plan --mode=train or --mode=eval.')
   hw = topology_lib.slice_devices(topology)
   device = roofline_lib.device_figures(hw)
   info = dataset_info(config, num_classes)
