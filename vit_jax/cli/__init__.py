@@ -21,6 +21,7 @@ from collections.abc import Callable
 import logging as std_logging
 import os
 import sys
+import traceback
 from typing import Any, NoReturn
 
 from absl import app
@@ -105,6 +106,28 @@ def quiet_environment() -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed checkpoint write (a full disk), Orbax's worker threads keep
+  calling back into its closed event loop; each `RuntimeError: Event loop is
+  closed` reached sys.unraisablehook and was printed as a traceback (119
+  before our one error line). Only those are dropped: raised by asyncio's
+  closed-loop check inside call_soon_threadsafe."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if (isinstance(value, RuntimeError)
+        and str(value) == 'Event loop is closed' and frames
+        and frames[0].name == 'call_soon_threadsafe'
+        and frames[0].filename.endswith(os.path.join('asyncio',
+                                                     'base_events.py'))):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def run(main: Callable[[list[str]], Any],
         flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
   """Runs a program's `main(argv)`: flags parsed (errors exit 2), quiet logs,
@@ -122,6 +145,7 @@ def run(main: Callable[[list[str]], Any],
 
   def wrapped(argv: list[str]) -> Any:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    _quiet_closed_loop_callbacks()
     try:
       return main(argv)
     except UsageError as e:
