@@ -30,7 +30,6 @@ of time there and reads back:
 """
 from collections.abc import Mapping
 import dataclasses
-import math
 import re
 import time
 from typing import Any
@@ -46,6 +45,7 @@ from vit_jax.planning import kernels
 from vit_jax.planning import roofline as roofline_lib
 from vit_jax.planning import topology as topology_lib
 from vit_jax.training import config as config_lib
+from vit_jax.training import memory as memory_lib
 from vit_jax.training import programs
 from vit_jax.training import setup as setup_lib
 
@@ -95,12 +95,6 @@ _OUT_OF_HBM = re.compile(r'HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds '
                          r'available HBM \(([\d.]+)([KMGT]?)\)')
 
 
-def _shard_bytes(tree: Any) -> int:
-  """Bytes one device holds of abstract arrays with shardings."""
-  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape))
-             * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-
 def _compile(setup: setup_lib.Setup, mode: str) -> dict[str, Any]:
   fn, args, images = _program(setup, mode)
   program_flops, loops = flops_lib.loop_factor(fn, *args)
@@ -118,8 +112,8 @@ def _compile(setup: setup_lib.Setup, mode: str) -> dict[str, Any]:
     need = _OUT_OF_HBM.search(str(e))
     if not need:
       raise
-    arguments = _shard_bytes(args)
-    donated = _shard_bytes(args[0]) if mode == 'train' else 0
+    arguments = memory_lib.shard_bytes(args)
+    donated = memory_lib.shard_bytes(args[0]) if mode == 'train' else 0
     temp = float(need.group(1)) * _UNITS[need.group(2)]
     measured.update(
         memory=_Memory(arguments, donated, donated, int(temp)),
